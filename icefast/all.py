@@ -1,0 +1,5 @@
+"""Everything a notebook needs: `from icefast.all import *` (not used inside the package)."""
+from fastai.vision.all import *
+from icefast.core import *
+from icefast.parsers import *
+from icefast.data import *

@@ -1,0 +1,84 @@
+"""Shared fixtures: the sample annotation sets and writers of tiny (and deliberately broken) image files."""
+import os, sys
+from pathlib import Path
+
+os.environ.setdefault('KMP_BLOCKTIME', '0')  # idle OpenMP threads must not spin (slow on few cores)
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / 'tests' / 'data' / 'samples'
+# `pytest` (unlike `python -m pytest`) does not put the repo root on sys.path; import the source tree
+# when icefast is not installed
+if str(ROOT) not in sys.path:
+    try: import icefast  # noqa: F401
+    except ImportError: sys.path.insert(0, str(ROOT))
+
+# a real JPEG of the samples, cut in half for the truncated-file case
+REAL_JPEG = SAMPLES / 'fridge' / 'odFridgeObjects' / 'images' / '10.jpg'
+EXIF_ORIENTATION = 0x0112
+
+# kinds of image `make_image` writes; the extension it defaults to
+IMAGE_KINDS = {
+    'RGB': '.png', 'L': '.png', 'RGBA': '.png', 'P': '.png', 'I;16': '.png',
+    'jpeg': '.jpg', 'exif_rotated': '.jpg', 'truncated': '.jpg', 'not_image': '.jpg',
+}
+
+
+def _pattern(w, h):
+    "A small deterministic gradient, so that every format has real content to encode."
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 255) // max(w - 1, 1)).astype(np.uint8), ((y * 255) // max(h - 1, 1)).astype(np.uint8)
+
+
+def write_image(path, kind='RGB', size=(32, 24), orientation=6):
+    """Write a tiny image of `kind` (see `IMAGE_KINDS`) at `path`; `size` is (width, height) as stored
+    (an `exif_rotated` JPEG with `orientation` 5-8 is *displayed* as (height, width)). Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    gx, gy = _pattern(w, h)
+    if kind in ('RGB', 'jpeg'):
+        Image.fromarray(np.stack([gx, gy, 255 - gx], -1)).save(path, format='PNG' if kind == 'RGB' else 'JPEG')
+    elif kind == 'L':
+        Image.fromarray(gx, 'L').save(path, format='PNG')
+    elif kind == 'RGBA':
+        Image.fromarray(np.stack([gx, gy, 255 - gx, gy], -1), 'RGBA').save(path, format='PNG')
+    elif kind == 'P':
+        im = Image.fromarray((gx // 64).astype(np.uint8), 'P')
+        im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0] + [0] * (3 * 252))
+        im.save(path, format='PNG')
+    elif kind == 'I;16':
+        Image.fromarray(gx.astype(np.uint16) * 257).save(path, format='PNG')  # mode I;16
+    elif kind == 'exif_rotated':
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        Image.fromarray(np.stack([gx, gy, 255 - gx], -1)).save(path, format='JPEG', exif=exif)
+    elif kind == 'truncated':
+        data = REAL_JPEG.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == 'not_image':
+        path.write_text('this is not an image, whatever its name says\n')
+    else:
+        raise ValueError(f'unknown image kind {kind!r}; one of {list(IMAGE_KINDS)}')
+    return path
+
+
+@pytest.fixture
+def samples():
+    "Path to tests/data/samples (the real COCO, VOC, VIA and fridge annotation sets)."
+    assert SAMPLES.is_dir(), SAMPLES
+    return SAMPLES
+
+
+@pytest.fixture
+def make_image(tmp_path):
+    """`make_image(name, kind='RGB', size=(32, 24), folder='images')` writes a tiny image of `kind`
+    (RGB, L, RGBA, P, I;16, jpeg, exif_rotated, truncated, not_image) under tmp_path/folder and returns its path."""
+    def _make(name=None, kind='RGB', size=(32, 24), folder='images', **kwargs):
+        if name is None: name = kind.replace(';', '') + IMAGE_KINDS[kind]
+        return write_image(tmp_path / folder / name, kind, size, **kwargs)
+    _make.root = tmp_path
+    return _make
