@@ -51,7 +51,8 @@ def write_image(path, kind='RGB', size=(32, 24), orientation=6):
         im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0] + [0] * (3 * 252))
         im.save(path, format='PNG')
     elif kind == 'I;16':
-        Image.fromarray(gx.astype(np.uint16) * 257).save(path, format='PNG')  # mode I;16
+        # real 16-bit values (not multiples of 257, whose low byte would equal the 8-bit value)
+        Image.fromarray(gx.astype(np.uint16) * 256 + 100).save(path, format='PNG')  # mode I;16
     elif kind == 'exif_rotated':
         exif = Image.Exif()
         exif[EXIF_ORIENTATION] = orientation

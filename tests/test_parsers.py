@@ -47,9 +47,9 @@ def displayed_size(path):
 class Img:
     """One image of a synthetic data set: its file name, what kind of file to write (`None`: leave it missing),
     its stored size and its boxes as (label, (x0, y0, x1, y1)) in 0-based pixels of the displayed image."""
-    def __init__(self, name, boxes=(), kind='RGB', size=(32, 24), annotated_size=None):
-        self.name, self.boxes, self.kind, self.size = name, list(boxes), kind, tuple(size)
-        disp = (size[1], size[0]) if kind == 'exif_rotated' else tuple(size)
+    def __init__(self, name, boxes=(), kind='RGB', size=(32, 24), annotated_size=None, orientation=6):
+        self.name, self.boxes, self.kind, self.size, self.orientation = name, list(boxes), kind, tuple(size), orientation
+        disp = (size[1], size[0]) if kind == 'exif_rotated' and orientation >= 5 else tuple(size)
         self.annotated_size = tuple(annotated_size or disp)
 
 
@@ -63,7 +63,8 @@ def write_dataset(fmt, make_image, imgs, classes=None, **kwargs):
     img_dir = root / 'images'
     img_dir.mkdir(parents=True, exist_ok=True)
     for im in imgs:
-        if im.kind is not None: make_image(im.name, im.kind, im.size)
+        if im.kind == 'exif_rotated': make_image(im.name, im.kind, im.size, orientation=im.orientation)
+        elif im.kind is not None: make_image(im.name, im.kind, im.size)
     if classes is None: classes = sorted({lbl for im in imgs for lbl, _ in im.boxes})
     if fmt == 'coco':
         cats = [{'id': i + 1, 'name': c} for i, c in enumerate(classes)]
@@ -169,7 +170,7 @@ def test_voc_samples_with_masks(samples):
     check_sizes(records)
     m = r.mask_array()
     assert m.shape == (2, 375, 500) and m.dtype == np.uint8
-    obj = np.asarray(Image.open(voc / 'SegmentationObject' / '2007_000063.png'))
+    with Image.open(voc / 'SegmentationObject' / '2007_000063.png') as im: obj = np.asarray(im)
     assert m.sum((1, 2)).tolist() == [(obj == 1).sum(), (obj == 2).sum()] == [27632, 78930]
     for box, mi in zip(r.boxes, m):  # every object's pixels lie inside its box
         ys, xs = np.nonzero(mi)
@@ -299,26 +300,42 @@ def test_image_modes_parse_and_open_as_rgb(fmt, mode, tmp_path, make_image):
     imgs = [Img(f"{mode.replace(';', '')}.png", [('cat', (2, 3, 20, 15))], kind=mode, size=(32, 24))]
     p = write_dataset(fmt, make_image, imgs)
     (r,) = parse_clean(p)
-    assert Image.open(r.filepath).mode == mode
+    with Image.open(r.filepath) as src: assert src.mode == mode
     assert (r.width, r.height) == (32, 24)
     np.testing.assert_allclose(r.boxes, [[2, 3, 20, 15]], atol=1e-4)
     im = open_image(r.filepath)
     assert im.mode == 'RGB' and im.size == (r.width, r.height)
     a = np.asarray(im)
-    assert a.dtype == np.uint8 and a.shape == (24, 32, 3) and a.max() > a.min()  # content survives
+    assert a.dtype == np.uint8 and a.shape == (24, 32, 3)
+    # the content survives: compare with an independent 8-bit reading of the file
+    with Image.open(r.filepath) as src:
+        if mode == 'I;16': expected = np.repeat((np.asarray(src).astype(np.float64) / 257).round()[..., None], 3, -1)
+        else: expected = np.asarray(src.convert('RGB'))
+    np.testing.assert_array_equal(a, expected.astype(np.uint8))
+    assert a.max() > a.min()
 
 
+@pytest.mark.parametrize('orientation', [6, 8])
 @pytest.mark.parametrize('fmt', FORMATS)
-def test_exif_rotated_jpeg(fmt, tmp_path, make_image):
-    # stored 40x20 with orientation 6 (rotate 90): displayed 20x40; the box is in displayed pixels and lies
-    # below the stored height, so it must not be clipped
-    imgs = [Img('rot.jpg', [('cat', (2, 25, 18, 38))], kind='exif_rotated', size=(40, 20))]
+def test_exif_rotated_jpeg(fmt, orientation, tmp_path, make_image):
+    # stored 40x20 with orientation 6 or 8 (rotated 90): displayed 20x40; the box is in displayed pixels and
+    # lies below the stored height, so it must not be clipped
+    imgs = [Img('rot.jpg', [('cat', (2, 25, 18, 38))], kind='exif_rotated', size=(40, 20), orientation=orientation)]
     p = write_dataset(fmt, make_image, imgs)
     (r,) = parse_clean(p)
-    assert Image.open(r.filepath).size == (40, 20)
+    with Image.open(r.filepath) as src: assert src.size == (40, 20)  # as stored
     assert (r.width, r.height) == (20, 40)
-    assert open_image(r.filepath).size == (r.width, r.height)
+    im = open_image(r.filepath)
+    assert im.mode == 'RGB' and im.size == (r.width, r.height)
+    with Image.open(r.filepath) as src: np.testing.assert_array_equal(np.asarray(im), np.asarray(ImageOps.exif_transpose(src)))
     np.testing.assert_allclose(r.boxes, [[2, 25, 18, 38]], atol=1e-4)
+
+
+def test_exif_orientation_without_swap(tmp_path, make_image):
+    "Orientation 3 (rotated 180) keeps width and height."
+    imgs = [Img('rot.jpg', [('cat', (2, 3, 30, 18))], kind='exif_rotated', size=(40, 20), orientation=3)]
+    (r,) = parse_clean(write_dataset('voc', make_image, imgs))
+    assert (r.width, r.height) == (40, 20) == open_image(r.filepath).size
 
 
 @pytest.mark.parametrize('fmt', FORMATS)
@@ -333,9 +350,9 @@ def test_box_outside_image_is_clipped(fmt, tmp_path, make_image):
 
 @pytest.mark.parametrize('fmt', FORMATS)
 def test_zero_area_box_is_degenerate(fmt, tmp_path, make_image):
-    imgs = [Img('a.png', [('cat', (5, 5, 5, 15)), ('cat', (1, 2, 11, 12)), ('cat', (3, 7, 9, 7))])]
+    imgs = [Img('a.png', [('cat', (5, 5, 5, 15)), ('cat', (1, 2, 11, 12)), ('cat', (3, 7, 9, 7)), ('cat', (12, 2, 4, 9))])]
     p = write_dataset(fmt, make_image, imgs)
-    (r,) = parse_fixing(p, degenerate=2)
+    (r,) = parse_fixing(p, degenerate=3)  # zero width, zero height, inverted
     np.testing.assert_allclose(r.boxes, [[1, 2, 11, 12]], atol=1e-4)
     assert p.report.files('degenerate') == [str(tmp_path / 'images' / 'a.png')]
 
@@ -552,6 +569,33 @@ def test_via_shapes_labels_and_attribute(tmp_path, make_image):
         VIAParser(path, tmp_path / 'images', label_attr='kind').parse()
 
 
+def test_via1_regions_dict(tmp_path, make_image):
+    "VIA 1 exports keep regions in a dict keyed by index."
+    make_image('a.png')
+    path = tmp_path / 'via.json'
+    path.write_text(json.dumps({'a.png1': {'filename': 'a.png', 'regions': {
+        '0': {'shape_attributes': {'name': 'polygon', 'all_points_x': [1, 10, 10], 'all_points_y': [2, 2, 12]},
+              'region_attributes': {'label': 'cat'}}}}}))
+    (r,) = parse_clean(VIAParser(path, tmp_path / 'images'))
+    np.testing.assert_allclose(r.boxes, [[1, 2, 10, 12]])
+
+
+def test_via_not_utf8(tmp_path):
+    path = tmp_path / 'via.json'
+    path.write_bytes('{"caf\xe9.png": {}}'.encode('latin-1'))
+    with pytest.raises(ParseError, match=re.escape(str(path)) + ': not a UTF-8 text file'):
+        VIAParser(path, tmp_path).parse()
+
+
+def test_via_only_negative_images(tmp_path, make_image):
+    make_image('a.png')
+    make_image('b.png')
+    path = tmp_path / 'via.json'
+    path.write_text(json.dumps({f'{n}1': {'filename': n, 'regions': []} for n in ('a.png', 'b.png')}))
+    records = parse_clean(VIAParser(path, tmp_path / 'images'))
+    assert [len(r) for r in records] == [0, 0]
+
+
 # --- CSV specifics
 
 def _csv(make_image, text, **kwargs):
@@ -663,7 +707,10 @@ def test_yolo_polygon_and_class_file(tmp_path, make_image):
     (r,) = parse_clean(p)
     assert p.class_map.classes == ['cat', 'dog'] and r.labels.tolist() == [2]
     np.testing.assert_allclose(r.boxes, [[8, 6, 24, 12]], atol=1e-4)
-    assert r.mask_array().shape == (1, 24, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # pycocotools vs numpy 2
+        m = r.mask_array()
+    assert m.shape == (1, 24, 32) and m[0, 8, 20] == 1 and m[0, 2, 2] == 0
 
 
 def test_yolo_classes_txt_in_labels_is_not_an_orphan(tmp_path, make_image):
@@ -671,6 +718,13 @@ def test_yolo_classes_txt_in_labels_is_not_an_orphan(tmp_path, make_image):
     (tmp_path / 'labels' / 'classes.txt').write_text('cat\ndog\n')
     (r,) = parse_clean(p)
     assert len(r) == 1
+
+
+def test_yolo_missing_labels_dir(tmp_path, make_image):
+    make_image('a.png')
+    p = YOLOParser(tmp_path / 'images', tmp_path / 'lables', ['cat'])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / 'lables'))):
+        p.parse()
 
 
 # ---------------------------------------------------------------------------------------------------------------
