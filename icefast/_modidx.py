@@ -74,6 +74,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'icefast.data.LoadImage.encodes': ('data.html#loadimage.encodes', 'icefast/data.py'),
                               'icefast.data.RecordBBoxBlock': ('data.html#recordbboxblock', 'icefast/data.py'),
                               'icefast.data.RecordImageBlock': ('data.html#recordimageblock', 'icefast/data.py'),
+                              'icefast.data.RecordsSplitter': ('data.html#recordssplitter', 'icefast/data.py'),
                               'icefast.data.TensorInstanceMasks': ('data.html#tensorinstancemasks', 'icefast/data.py'),
                               'icefast.data.TensorInstanceMasks.affine_coord': ( 'data.html#tensorinstancemasks.affine_coord',
                                                                                  'icefast/data.py'),

@@ -235,6 +235,14 @@ def test_show_batch_renders_boxes_and_masks(shapes, tmp_path):
     for masks in (False, True):
         dls = _dls(records, cm, masks=masks, bs=4)
         dls.train.new(shuffle=False).show_batch(max_n=4)
+        n_texts = 0
+        for ax in plt.gcf().axes:  # every class name is written at the corner of a drawn box
+            corners = [(p.get_x(), p.get_y()) for p in ax.patches]
+            for t in ax.texts:
+                assert t.get_text() in CLASSES
+                assert any(np.allclose(t.get_position(), c, atol=0.5) for c in corners), t.get_position()
+                n_texts += 1
+        assert n_texts >= 4
         out = tmp_path/f'show_batch_{"masks" if masks else "boxes"}.png'
         plt.savefig(out); plt.close('all')
         assert out.stat().st_size > 5000
@@ -269,3 +277,29 @@ def test_unreadable_image_at_load_time_names_the_file(shapes, tmp_path):
     recs = [Record(bad, 'bad', 50, 40, [1], [[1, 1, 10, 10]])]
     with pytest.raises(OSError, match='bad.png: cannot read image'):
         dataloaders(recs, cm, size=64, bs=1, batch_tfms=[], splitter=IdSplitter([])).one_batch()
+
+def test_overlapping_instances_keep_their_own_masks(tmp_path):
+    Image.new('RGB', (64, 48)).save(tmp_path/'a.png')
+    a = [10, 10, 40, 10, 40, 40, 10, 40]; b = [25, 5, 55, 5, 55, 30, 25, 30]
+    r = Record(tmp_path/'a.png', 'a', 64, 48, labels=[1, 2], boxes=[[10, 10, 40, 40], [25, 5, 55, 30]],
+               masks=[PolygonMask([a]), PolygonMask([b])])
+    cm = ClassMap(['a', 'b'])
+    dls = dataloaders([r, r], cm, size=64, bs=2, batch_tfms=[], splitter=IdSplitter([]))
+    m = split_batch(dls.train.new(shuffle=False).one_batch())[1][0]['masks']
+    full = r.mask_array()
+    assert m.shape == (2, 64, 64)
+    assert (m[0] & m[1]).sum() > 100  # the overlap belongs to both
+    assert torch.equal(m[:, :48, :64], torch.from_numpy(full))
+
+def test_records_splitter_for_separate_train_and_valid_files(tmp_path):
+    from icefast.parsers import CSVParser
+    from icefast.data import RecordsSplitter
+    for n in ('a', 'b', 'c'): Image.new('RGB', (40, 30)).save(tmp_path/f'{n}.png')
+    (tmp_path/'train.csv').write_text("filename,label,xmin,ymin,xmax,ymax\na.png,cat,1,1,20,20\nb.png,dog,2,2,30,25\n")
+    (tmp_path/'test.csv').write_text("filename,label,xmin,ymin,xmax,ymax\nc.png,dog,5,5,25,25\nc.png,cow,1,1,9,9\n")
+    tp = CSVParser(tmp_path/'train.csv', tmp_path); train = tp.parse()
+    with pytest.warns(UserWarning, match='unknown_class'):
+        vp = CSVParser(tmp_path/'test.csv', tmp_path, class_map=tp.class_map); valid = vp.parse()
+    dls = dataloaders(train + valid, tp.class_map, size=32, bs=1, splitter=RecordsSplitter(valid), batch_tfms=[])
+    assert [r.image_id for r in dls.valid_ds.items] == ['c'] and len(dls.train_ds) == 2
+    assert dls.valid.one_batch()[2].tolist() == [[tp.class_map.get_id('dog')]]
