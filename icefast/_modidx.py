@@ -96,6 +96,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'icefast.data.record_labels': ('data.html#record_labels', 'icefast/data.py'),
                               'icefast.data.record_masks': ('data.html#record_masks', 'icefast/data.py'),
                               'icefast.data.record_path': ('data.html#record_path', 'icefast/data.py'),
+                              'icefast.data.record_pixel_boxes': ('data.html#record_pixel_boxes', 'icefast/data.py'),
                               'icefast.data.split_batch': ('data.html#split_batch', 'icefast/data.py'),
                               'icefast.data.targets_from_batch': ('data.html#targets_from_batch', 'icefast/data.py')},
             'icefast.parsers': { 'icefast.parsers.COCOParser': ('parsers.html#cocoparser', 'icefast/parsers.py'),

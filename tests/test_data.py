@@ -17,7 +17,7 @@ from icefast.core import ClassMap, Record, PolygonMask
 from icefast.parsers import COCOParser
 from icefast.data import (dataloaders, detection_datablock, split_batch, targets_from_batch, pad_instances, Letterbox,
                           RecordImageBlock, RecordBBoxBlock, LabelBlock, InstanceMaskBlock, record_boxes, record_labels,
-                          record_masks, record_path, IdSplitter, FileListSplitter, FolderSplitter, TensorInstanceMasks,
+                          record_masks, record_path, record_pixel_boxes, IdSplitter, FileListSplitter, FolderSplitter, TensorInstanceMasks,
                           detection_aug_transforms)
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
@@ -62,7 +62,7 @@ def shapes(tmp_path_factory):
     return parser.parse(), parser.class_map
 
 def _dls(records, class_map, size=128, bs=4, **kwargs):
-    kwargs.setdefault('batch_tfms', [])
+    kwargs.setdefault('batch_tfms', []); kwargs.setdefault('item_tfms', [])
     return dataloaders(records, class_map, size=size, bs=bs, splitter=IdSplitter([]), **kwargs)
 
 def _all_batch(dls):
@@ -115,6 +115,15 @@ def test_letterbox_keeps_boxes_and_masks_on_the_pixels(shapes):
     assert images.shape[-2:] == (128, 128) and images.dtype == torch.float32
     # the EXIF-rotated JPEG (record 0) is upright: its instance sits where the annotation says
     assert (records[0].width, records[0].height) == (200, 120)
+
+def test_item_flip_moves_boxes_and_masks(shapes):
+    from fastai.vision.augment import FlipItem
+    records, cm = shapes
+    dls = _dls(records, cm, item_tfms=[FlipItem(p=1.)])
+    b = _all_batch(dls)
+    assert check_consistent(b) == sum(len(r) for r in records)  # fastai's flip_lr swaps box corners: none may be lost
+    # the letterbox padding is now on the left: the instance pixels moved
+    assert torch.equal(split_batch(b)[1][1]['masks'], split_batch(_all_batch(_dls(records, cm, item_tfms=[])))[1][1]['masks'].flip(-1))
 
 @pytest.mark.parametrize('tfms', [
     [Flip(p=1.)],
@@ -214,7 +223,7 @@ def test_fastai_stock_blocks_with_record_getters(shapes):
     upright = records[1:]
     names = lambda r: [cm.get_name(i) for i in r.labels]
     dblock = DataBlock(blocks=(ImageBlock, BBoxBlock, BBoxLblBlock(vocab=cm.vocab, add_na=False)),
-                       getters=[record_path, record_boxes, names],
+                       getters=[record_path, record_pixel_boxes, names],
                        splitter=IdSplitter([]), item_tfms=Resize(128, method='pad', pad_mode='zeros'), n_inp=1)
     dls = dblock.dataloaders(upright, bs=len(upright))
     b = dls.train.new(shuffle=False, drop_last=False).one_batch()
@@ -284,7 +293,7 @@ def test_overlapping_instances_keep_their_own_masks(tmp_path):
     r = Record(tmp_path/'a.png', 'a', 64, 48, labels=[1, 2], boxes=[[10, 10, 40, 40], [25, 5, 55, 30]],
                masks=[PolygonMask([a]), PolygonMask([b])])
     cm = ClassMap(['a', 'b'])
-    dls = dataloaders([r, r], cm, size=64, bs=2, batch_tfms=[], splitter=IdSplitter([]))
+    dls = dataloaders([r, r], cm, size=64, bs=2, item_tfms=[], batch_tfms=[], splitter=IdSplitter([]))
     m = split_batch(dls.train.new(shuffle=False).one_batch())[1][0]['masks']
     full = r.mask_array()
     assert m.shape == (2, 64, 64)
