@@ -3,3 +3,5 @@ from fastai.vision.all import *
 from icefast.core import *
 from icefast.parsers import *
 from icefast.data import *
+from icefast import backbones
+from icefast.models import faster_rcnn, mask_rcnn, efficientdet
