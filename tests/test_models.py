@@ -116,7 +116,6 @@ def effdet_reference(name, size):
                         image_size=(size, size))
 
 EFFDET_LIGHT = {'tf_efficientdet_lite0', 'efficientdet_d0', 'mobilenetv3_large_100'}
-EFFDET_HEAVY = {f'{p}efficientdet_d{i}' for p in ('', 'tf_') for i in (5, 6, 7)} | {'efficientdet_d7x', 'tf_efficientdet_d7x'}
 
 @pytest.mark.parametrize('name', EFFDET_NAMES + TIMM_PRESETS)
 def test_efficientdet_catalog(name):
@@ -134,7 +133,7 @@ def test_efficientdet_catalog(name):
     groups = efficientdet.param_groups(model)
     check_groups(groups, model)
     if name in EFFDET_LIGHT: train_and_eval_step(model, groups, size)
-    elif name in EFFDET_HEAVY or size != 128:
+    else:  # the rest (the heaviest included) at least predict on one tiny image
         model.eval()
         with torch.no_grad(): out = model(torch.rand(1, 3, size, size))
         assert {'boxes', 'labels', 'scores'} <= set(out[0])
