@@ -296,4 +296,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'icefast.parsers._numbers': ('parsers.html#_numbers', 'icefast/parsers.py'),
                                  'icefast.parsers._parse_xml': ('parsers.html#_parse_xml', 'icefast/parsers.py'),
                                  'icefast.parsers._text': ('parsers.html#_text', 'icefast/parsers.py'),
-                                 'icefast.parsers._to_pixels': ('parsers.html#_to_pixels', 'icefast/parsers.py')}}}
+                                 'icefast.parsers._to_pixels': ('parsers.html#_to_pixels', 'icefast/parsers.py')},
+            'icefast.synthetic': { 'icefast.synthetic._polygon': ('synthetic.html#_polygon', 'icefast/synthetic.py'),
+                                   'icefast.synthetic.make_shapes': ('synthetic.html#make_shapes', 'icefast/synthetic.py')}}}
