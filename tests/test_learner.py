@@ -75,3 +75,20 @@ def test_loss_is_the_models_own_sum():
     losses = {'a': torch.tensor(1.5), 'b': torch.tensor(0.25)}
     assert lf(losses, None).item() == 1.75 and lf((losses, []), None).item() == 1.75
     assert set(lf.parts) == {'a', 'b'}
+
+def test_nan_loss_stops_training_naming_the_images(shapes):
+    from icefast.learner import NonFiniteLoss
+    from fastai.callback.core import Callback
+    records, cm = shapes
+    dls = dataloaders(records[:12], cm, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:4]]))
+    class Poison(Callback):
+        order = -5  # after the adapter, before the model: corrupt the images of the second batch
+        def before_batch(self):
+            if self.training and self.iter == 1: self.learn.xb = (self.xb[0] * float('nan'), *self.xb[1:])
+    learn = faster_rcnn.fastai.learner(dls, faster_rcnn.model(backbone='resnet.resnet18', num_classes=len(cm)), cbs=[Poison()])
+    with pytest.raises(NonFiniteLoss, match=r"batch 1; training stopped\. The batch's images: \[.*\.jpg"):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+
+def test_seed_entry_points():
+    from icefast.models import mask_rcnn
+    for mod in (faster_rcnn, mask_rcnn, efficientdet): assert callable(mod.fastai.learner)
