@@ -135,3 +135,12 @@ def test_nan_loss_stops_training_naming_the_images(shapes):
 def test_seed_entry_points():
     from icefast.models import mask_rcnn
     for mod in (faster_rcnn, mask_rcnn, efficientdet): assert callable(mod.fastai.learner)
+
+def test_save_model_callback_monitors_map(shapes, tmp_path):
+    from fastai.callback.tracker import SaveModelCallback
+    records, cm = shapes
+    dls = dataloaders(records[:12], cm, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:4]]))
+    learn = detection_learner(dls, faster_rcnn.model(backbone='resnet.resnet18', num_classes=len(cm)), path=tmp_path)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-3, cbs=SaveModelCallback(monitor='mAP', comp=np.greater, fname='best', with_opt=False))
+    assert (tmp_path/'models'/'best.pth').is_file()
