@@ -87,6 +87,7 @@ def check_consistent(b, box_tol=3.0, min_iou=0.75):
     for img, t in zip(images, targets):
         for box, lbl, *m in zip(t['boxes'], t['labels'], *([t['masks']] if 'masks' in t else [])):
             painted = _painted(img, int(lbl) - 1)
+            if (box[2]-box[0]) * (box[3]-box[1]) < 50: continue  # a sliver left by a crop: too few pixels to compare
             assert painted.sum() > 10, "the class of a box does not match the colour under it"
             # only the pixels of this instance's colour inside its box belong to it
             x0, y0, x1, y1 = box.tolist()
@@ -134,7 +135,8 @@ def test_item_flip_moves_boxes_and_masks(shapes):
 ], ids=['flip', 'zoom', 'rotate', 'detection_aug', 'random_resized_crop'])
 def test_batch_transforms_move_boxes_and_masks_with_pixels(shapes, tfms):
     records, cm = shapes
-    torch.manual_seed(0)
+    from fastai.torch_core import set_seed
+    set_seed(0)
     dls = _dls(records, cm, batch_tfms=tfms)
     for _ in range(3):
         b = _all_batch(dls)
