@@ -159,7 +159,6 @@ def test_backbone_weights_from_upstream_checkpoint(tmp_path):
         if k.startswith('fc.') or k.endswith('num_batches_tracked'): continue
         assert torch.equal(b.body.state_dict()[k], v), k
     assert type(b.body.bn1).__name__ == 'FrozenBatchNorm2d'  # built as pretrained=True builds it
-    plain = backbones.vgg.vgg11(pretrained=False)
     ref = torchvision.models.vgg11()
     torch.save(ref.state_dict(), tmp_path/'vgg11.pth')
     assert torch.equal(backbones.vgg.vgg11(pretrained=tmp_path/'vgg11.pth')[0].weight, ref.features[0].weight)
