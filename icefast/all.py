@@ -5,3 +5,6 @@ from icefast.parsers import *
 from icefast.data import *
 from icefast import backbones
 from icefast.models import faster_rcnn, mask_rcnn, efficientdet
+from icefast.metrics import *
+from icefast.learner import *
+from icefast.synthetic import *

@@ -193,6 +193,7 @@ def build_backbone(
     backbone = spec.extract(net, trainable_layers, norm)
     if backbone_state is not None: load_weights(backbone, backbone_state, f"backbone {name} ({pretrained})")
     backbone.icefast_name, backbone.icefast_fpn = name, spec.family == 'resnet_fpn' or name.endswith('_fpn')
+    backbone.icefast_pretrained = use_weights  # read by `fine_tune` to choose its defaults
     return backbone
 
 def list_backbones(family:str=None) -> list:

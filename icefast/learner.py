@@ -11,12 +11,17 @@ from fastai.callback.core import Callback
 from pathlib import Path
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, fine_tune, lr_find and progress bars on Learner
 
-from .data import split_batch, letterbox_scale
+import warnings
+from fastai.callback.fp16 import MixedPrecision, AMPMode
+
+from .data import split_batch, letterbox_scale, Letterbox
 from .metrics import COCOEvaluator, detections_to_coco
 
 # %% auto #0
-__all__ = ['NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original', 'DetectionAdapter', 'detection_metrics',
-           'loss_parts', 'light_rcnn_sampling', 'param_groups_of', 'DetectionLearner', 'detection_learner']
+__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
+           'BatchTargets', 'DetectionAdapter', 'detection_metrics', 'loss_parts', 'light_rcnn_sampling',
+           'param_groups_of', 'is_pretrained', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections',
+           'plot_pairs', 'DetectionInterpretation', 'detection_learner']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -69,11 +74,33 @@ def to_original(det:dict, record, hw) -> dict:
         out['masks'] = (F.interpolate(m[None], size=(h, w), mode='bilinear', align_corners=False)[0] > 0.5).to(torch.uint8).cpu() if len(m) else torch.zeros(0, h, w, dtype=torch.uint8)
     return out
 
+def _gather_results(results:list) -> list:
+    "Under distributed training, every process's COCO results (each image once: fastai pads the shards with repeats)."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return results
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, results)
+    seen, out = set(), []
+    for part in parts:
+        ids = {r['image_id'] for r in part}
+        out += [r for r in part if r['image_id'] not in seen]
+        seen |= ids
+    return out
+
+class BatchTargets:
+    "A batch's targets as fastai's bookkeeping sees them: `shape[0]` is the number of images (its `find_bs` would count boxes)."
+    def __init__(self, targets:list): self.targets = targets
+    @property
+    def shape(self): return (len(self.targets),)
+    def __len__(self): return len(self.targets)
+    def __iter__(self): return iter(self.targets)
+    def __getitem__(self, i): return self.targets[i]
+
 class DetectionAdapter(Callback):
     "Batches to detector calls and back: loss-side targets in, loss dict and detections out, COCO results per epoch."
     order, name = -10, 'detection'
-    def __init__(self, class_map, masks:bool=False): self.class_map, self.masks, self._evaluator, self._metrics = class_map, masks, None, None
-    def __getstate__(self): return {**self.__dict__, '_evaluator': None, '_metrics': None, '_results': [], 'learn': None}
+    def __init__(self, class_map, masks:bool=False): self.class_map, self.masks, self._evaluator, self._epoch_metrics = class_map, masks, None, None
+    def __getstate__(self): return {**self.__dict__, '_evaluator': None, '_epoch_metrics': None, '_results': [], 'learn': None}
 
     def before_batch(self):
         if not self.learn.yb:  # inference (test_dl): images only
@@ -82,9 +109,18 @@ class DetectionAdapter(Callback):
         images, targets = split_batch((*self.learn.xb, *self.learn.yb))
         if not self.masks:
             for t in targets: t.pop('masks', None)
-        self.learn.xb, self.learn.yb = (images, targets), (targets,)
+        self.learn.xb, self.learn.yb = (images, targets), (BatchTargets(targets),)
 
-    def before_validate(self): self._results, self._metrics = [], None
+    def before_validate(self): self._results, self._epoch_metrics = [], None
+
+    def before_fit(self):
+        self._benchmark = torch.backends.cudnn.benchmark
+        if self.masks and self._benchmark:
+            warnings.warn("icefast: torch.backends.cudnn.benchmark is on, which made Mask R-CNN training 5-8x slower on a GPU "
+                          "(its mask head sees a new RoI count every step); it is off during this fit")
+            torch.backends.cudnn.benchmark = False
+
+    def after_fit(self): torch.backends.cudnn.benchmark = self._benchmark
 
     def batch_records(self) -> list:
         "The records of the current batch (shuffled or not)."
@@ -115,8 +151,8 @@ class DetectionAdapter(Callback):
 
     def epoch_metrics(self) -> dict:
         "The COCO scalars of this epoch's validation, evaluated once."
-        if self._metrics is None: self._metrics = self.evaluator().evaluate(self._results)
-        return self._metrics
+        if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(_gather_results(self._results))
+        return self._epoch_metrics
 
 # %% ../nbs/09_learner.ipynb #e02aca94
 def _is_mask_model(model): return 'MaskRCNN' in type(model).__name__
@@ -143,11 +179,75 @@ def param_groups_of(model) -> list:
     "fastai splitter: the model's own parameter groups."
     return model.param_groups()
 
+def is_pretrained(model) -> bool:
+    "Whether `model` was built with pretrained weights (whole detector or backbone); unknown user modules count as pretrained."
+    return bool(getattr(model, 'icefast_pretrained', True))
+
+# fine_tune's defaults, chosen by measurement (see the notebook): `base_lr` with fastai's Adam, and for models without
+# pretrained weights no frozen epoch and one learning rate for all layers
+FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH = 2e-3, 2e-3
+
+class DetectionMixedPrecision(MixedPrecision):
+    "fastai's `MixedPrecision` on the device the model trains on: CUDA fp16 (with a grad scaler) or bf16; CPU bf16, or fp32 for fp16."
+    name = 'mixed_precision'
+    def before_fit(self):
+        dev = torch.device(getattr(self.dls, 'device', None) or next(self.model.parameters()).device)
+        if dev.type == 'cuda': return super().before_fit()
+        if self.amp_mode == AMPMode.FP16:
+            warnings.warn("icefast: fp16 mixed precision needs a CUDA GPU; on the CPU this fit runs in fp32 "
+                          "(learn.to_bf16() uses the CPU's bfloat16 autocast)")
+            self.autocast = torch.autocast('cpu', enabled=False)
+        else: self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
+        self.learn.scaler, self.scales = torch.amp.GradScaler('cpu', enabled=False), []
+
 class DetectionLearner(Learner):
     "A fastai `Learner` whose `get_preds`, `predict` and `show_results` speak detections in the original images' pixels."
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not hasattr(self.dls, 'class_map') and 'detection' in self.cbs.attrgot('name'):  # `export` empties the DataLoaders
+            self.dls.class_map = self.detection.class_map
+
+    def fine_tune(self,
+        epochs:int, # Epochs with all layers trainable
+        base_lr:float=None, # Default `FINE_TUNE_LR` (`FINE_TUNE_LR_SCRATCH` without pretrained weights)
+        freeze_epochs:int=None, # Epochs training only the heads first; default 1, or 0 without pretrained weights
+        lr_mult:float=None, # Ratio of the heads' to the stem's learning rate; default 100, or 1 without pretrained weights
+        pct_start:float=0.3, div:float=5.0, **kwargs):
+        "fastai's `fine_tune` with detection defaults: a model without pretrained weights trains every layer at one rate from the start."
+        pretrained = is_pretrained(self.model)
+        if not pretrained and (freeze_epochs is None or lr_mult is None):
+            print("icefast: no pretrained weights in this model, so fine_tune trains all layers from the start at one learning rate "
+                  "(freeze_epochs=0, lr_mult=1)")
+        if base_lr is None: base_lr = FINE_TUNE_LR if pretrained else FINE_TUNE_LR_SCRATCH
+        if freeze_epochs is None: freeze_epochs = 1 if pretrained else 0
+        if lr_mult is None: lr_mult = 100 if pretrained else 1
+        if freeze_epochs:
+            self.freeze()
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+            base_lr /= 2
+        self.unfreeze()
+        self.fit_one_cycle(epochs, slice(base_lr/lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
+
+    def to_fp16(self, **kwargs):
+        "Mixed precision: CUDA fp16 autocast with a grad scaler on a GPU; on the CPU a warning and fp32."
+        return self.add_cb(DetectionMixedPrecision(AMPMode.FP16, **kwargs))
+
+    def to_bf16(self):
+        "Mixed precision in bfloat16 autocast, on a GPU or the CPU."
+        return self.add_cb(DetectionMixedPrecision(AMPMode.BF16))
+
+    def to_channelslast(self, use_amp:bool=True, amp_mode='fp16', **kwargs):
+        "Channels-last memory format for the model (and mixed precision in `amp_mode` with `use_amp`)."
+        from fastai.callback.channelslast import ChannelsLast
+        if not hasattr(self, 'channels_last'): self.add_cb(ChannelsLast())
+        if use_amp and not hasattr(self, 'mixed_precision'): self.add_cb(DetectionMixedPrecision(AMPMode(amp_mode), **kwargs))
+        return self
+
     def _detect(self, dl, records):
         "Detections of `dl`'s images (in order) mapped to `records`' original pixels."
-        self.model.to(dl.device or self.dls.device).eval()
+        dev = torch.device(dl.device or self.dls.device or 'cpu')
+        if next(self.model.parameters()).device != dev: self.model.to(dev)
+        if self.model.training: self.model.eval()
         res, i = [], 0
         with torch.no_grad():
             for b in dl:
@@ -170,7 +270,7 @@ class DetectionLearner(Learner):
         if not isinstance(item, Record):
             w, h = image_size(item)
             item = Record(item, Path(item).stem, w, h)
-        dl = self.dls.test_dl([item])
+        dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
         d = self._detect(dl, [item])[0]
         keep = d['scores'] >= threshold
         d = {k: v[keep] for k, v in d.items()}
@@ -179,22 +279,87 @@ class DetectionLearner(Learner):
 
     def show_results(self, ds_idx:int=1, max_n:int=4, threshold:float=0.5, figsize=None):
         "Ground truth (left) next to detections above `threshold` (right) on the original images."
-        import matplotlib.pyplot as plt
-        from icefast.core import open_image
         records = list(self.dls[ds_idx].items)[:max_n]
-        preds = self._detect(self.dls.test_dl(records), records)
-        fig, axs = plt.subplots(len(records), 2, figsize=figsize or (10, 4*len(records)), squeeze=False)
-        cm = self.detection.class_map
-        for r, p, (a, b) in zip(records, preds, axs):
-            img = open_image(r.filepath)
-            keep = (p['scores'] >= threshold).numpy()
-            for ax, boxes, labels, title in ((a, r.boxes, r.labels, 'ground truth'), (b, p['boxes'].numpy()[keep], p['labels'].numpy()[keep], 'predictions')):
-                ax.imshow(img); ax.set_title(f"{r.filepath.name}: {title}"); ax.axis('off')
-                for (x0, y0, x1, y1), l in zip(boxes, labels):
-                    ax.add_patch(plt.Rectangle((x0, y0), x1-x0, y1-y0, fill=False, color='yellow', lw=2))
-                    ax.text(x0, y0, cm.get_name(int(l)), color='black', backgroundcolor='yellow', fontsize=8, va='bottom')
-        plt.tight_layout()
-        return fig
+        preds = self._detect(self.dls.test_dl(records, num_workers=0), records)
+        return plot_pairs(records, preds, self.detection.class_map, threshold, figsize=figsize)
+
+    def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold:float=0.5, figsize=None):
+        "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
+        return DetectionInterpretation.from_learner(self, ds_idx).plot_top_losses(k, threshold, figsize)
+
+def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None, color='yellow'):
+    "Draw xyxy pixel `boxes` with class names (and `scores`, and `masks` as coloured overlays) over `img` on `ax`."
+    import numpy as np, matplotlib.pyplot as plt
+    ax.imshow(img); ax.axis('off')
+    if title: ax.set_title(title, fontsize=9)
+    if masks is not None and len(masks):
+        masks = np.asarray(masks)
+        overlay = np.zeros((*masks.shape[-2:], 4), np.float32)
+        for i, m in enumerate(masks): overlay[m > 0] = (*plt.cm.tab10(i % 10)[:3], 0.45)
+        ax.imshow(overlay)
+    for i, ((x0, y0, x1, y1), l) in enumerate(zip(boxes, labels)):
+        ax.add_patch(plt.Rectangle((x0, y0), x1-x0, y1-y0, fill=False, color=color, lw=2))
+        name = class_map.get_name(int(l)) + ('' if scores is None else f' {float(scores[i]):.2f}')
+        ax.text(x0, y0, name, color='black', backgroundcolor=color, fontsize=7, va='bottom')
+
+def plot_pairs(records, preds, class_map, threshold:float=0.5, titles=None, figsize=None):
+    "One row per record: its ground truth next to its detections (original pixels) above `threshold`."
+    import matplotlib.pyplot as plt
+    from icefast.core import open_image
+    fig, axs = plt.subplots(len(records), 2, figsize=figsize or (10, 4*len(records)), squeeze=False)
+    for i, (r, p, (a, b)) in enumerate(zip(records, preds, axs)):
+        img, keep = open_image(r.filepath), (p['scores'] >= threshold).numpy()
+        gt_masks = r.mask_array() if r.masks is not None and 'masks' in p else None
+        draw_detections(a, img, r.boxes, r.labels, class_map, masks=gt_masks, title=f"{r.filepath.name}: ground truth")
+        draw_detections(b, img, p['boxes'].numpy()[keep], p['labels'].numpy()[keep], class_map, p['scores'].numpy()[keep],
+                        p['masks'].numpy()[keep] if 'masks' in p else None, titles[i] if titles else 'predictions')
+    plt.tight_layout()
+    return fig
+
+class DetectionInterpretation:
+    "The images of a dataset ranked by their detection loss (fastai's `Interpretation`, for detectors)."
+    def __init__(self, records, losses, preds, class_map): self.records, self.losses, self.preds, self.class_map = records, losses, preds, class_map
+
+    @classmethod
+    def from_learner(cls, learn, ds_idx:int=1, dl=None):
+        "Loss and detections of each image of `dl` (default: `learn.dls[ds_idx]`), one image per forward pass."
+        dl = (dl or learn.dls[ds_idx]).new(bs=1, shuffle=False, drop_last=False)
+        model, masks, records = learn.model.eval(), learn.detection.masks, list(dl.items)
+        losses, preds = [], []
+        with torch.no_grad():
+            for rec, b in zip(records, dl):
+                images, targets = split_batch(b)
+                if not masks:
+                    for t in targets: t.pop('masks', None)
+                loss, dets = model(images, targets)  # eval mode with targets: losses and detections from one pass
+                losses.append(float(sum(loss.values())))
+                d = {k: v for k, v in dets[0].items() if k != 'masks' or masks}
+                preds.append(to_original(d, rec, tuple(images.shape[-2:])))
+        return cls(records, torch.tensor(losses), preds, learn.detection.class_map)
+
+    def top_losses(self, k:int=None) -> tuple:
+        "The `k` highest losses and their indices into `records`."
+        return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
+
+    def plot_top_losses(self, k:int=4, threshold:float=0.5, figsize=None):
+        "The `k` images with the highest loss: ground truth next to detections above `threshold`, the loss in the title."
+        losses, idxs = self.top_losses(k)
+        return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map, threshold,
+                          [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
+
+_RESIZERS = ('Resize', 'RandomResizedCrop', 'RandomCrop', 'CropPad', 'RatioResize')
+
+def _check_letterbox(dls):
+    "The `Letterbox` of `dls` (predictions go back to the original pixels through it); DataLoaders that resize otherwise are refused."
+    tfms = list(dls.train.after_item.fs)
+    if not any(isinstance(t, Letterbox) for t in tfms):
+        raise ValueError("these DataLoaders have no icefast Letterbox item transform, so predictions could not be mapped back to the "
+                         "original images: make them with icefast.data.dataloaders(records, class_map, size=...)")
+    other = [type(t).__name__ for t in tfms if type(t).__name__ in _RESIZERS]
+    if other:
+        raise ValueError(f"item transforms {other} resize after icefast's Letterbox, so predictions would map back to the wrong "
+                         "pixels: let `size=` of icefast.data.dataloaders do the resizing")
+    return next(t for t in tfms if isinstance(t, Letterbox))
 
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
@@ -206,8 +371,14 @@ def detection_learner(
 ) -> Learner:
     "A fastai `Learner` for any icefast detector, with detection losses and COCO metrics."
     from icefast.models.rcnn import set_image_size
-    hw = tuple(dls.one_batch()[0].shape[-2:])
+    hw = _check_letterbox(dls).size
+    if len(dls.train) == 0:
+        raise ValueError(f"the training set has {len(dls.train_ds)} images, fewer than one batch of {dls.train.bs} "
+                         "(fastai drops the last incomplete training batch): use a smaller bs or more images")
     if hasattr(model, 'transform'): set_image_size(model, hw)
+    size = tuple(getattr(getattr(model, 'config', None), 'image_size', hw))
+    if size != tuple(hw):
+        raise ValueError(f"the model was built for {size} images but the DataLoaders make {tuple(hw)}: build it with img_size={tuple(hw)}")
     if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and hasattr(model, 'rpn')
     if cpu_light:
         light_rcnn_sampling(model)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_metrics.ipynb #109133bd
 from __future__ import annotations
-import contextlib, copy, io
+import contextlib, io
 import numpy as np
 
 from .core import ClassMap, Record, PolygonMask, RLEMask
@@ -78,7 +78,7 @@ class COCOEvaluator:
         self.per_class = {kind: {n: 0.0 for n in self.class_map.classes} for kind in kinds}
         if not results: return out  # pycocotools' loadRes([]) raises IndexError
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = self.gt.loadRes(copy.deepcopy(results))
+            dt = self.gt.loadRes([dict(r) for r in results])  # loadRes only adds keys to each result: a shallow copy keeps ours intact
             for kind in kinds:
                 E = COCOeval(self.gt, dt, kind)
                 E.evaluate(); E.accumulate(); E.summarize()

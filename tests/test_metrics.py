@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from icefast.parsers import COCOParser
 from icefast.metrics import COCOEvaluator, detections_to_coco
+from icefast.data import letterbox_scale
 
 SAMPLES = Path(__file__).parent/'data'/'samples'
 
@@ -20,7 +22,11 @@ def coco_records():
         return p.parse(), p.class_map
 
 def fixed_predictions(records, class_map, seed=0):
-    "Imperfect detections: jittered true boxes and masks, some with wrong classes, plus false positives."
+    "Imperfect detections as COCO results: jittered true boxes and masks, some with wrong classes, plus false positives."
+    return [a for r, det in zip(records, fixed_detections(records, class_map, seed)) for a in detections_to_coco(r.image_id, det, class_map)]
+
+def fixed_detections(records, class_map, seed=0):
+    "Imperfect detections in each record's pixels: jittered true boxes and masks, some with wrong classes, plus false positives."
     rng = np.random.default_rng(seed)
     res = []
     for r in records:
@@ -35,9 +41,8 @@ def fixed_predictions(records, class_map, seed=0):
         fp = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1)  # two false positives, xyxy
         fp_masks = np.zeros((2, r.height, r.width), np.uint8)
         for m, b in zip(fp_masks, fp.astype(int)): m[b[1]:b[3], b[0]:b[2]] = 1
-        det = {'boxes': np.concatenate([boxes, fp]), 'scores': rng.uniform(0.05, 1, len(boxes) + 2),
-               'labels': np.concatenate([labels, rng.integers(1, len(class_map), 2)]), 'masks': np.concatenate([masks, fp_masks])}
-        res += detections_to_coco(r.image_id, det, class_map)
+        res.append({'boxes': np.concatenate([boxes, fp]).astype(np.float32), 'scores': rng.uniform(0.05, 1, len(boxes) + 2).astype(np.float32),
+                    'labels': np.concatenate([labels, rng.integers(1, len(class_map), 2)]), 'masks': np.concatenate([masks, fp_masks])})
     return res
 
 def pycocotools_stats(results, kind):
@@ -90,3 +95,55 @@ def test_string_image_ids_and_default_category_ids(tmp_path):
     ev = COCOEvaluator(recs, cm)
     det = {'boxes': np.array([[5, 5, 20, 20], [25, 10, 45, 35.]]), 'scores': np.array([0.9, 0.8]), 'labels': np.array([1, 2])}
     assert ev.evaluate(detections_to_coco('a', det, cm))['mAP'] == pytest.approx(1.0)
+
+class FixedMaskRCNN(torch.nn.Module):
+    "A stand-in detector returning fixed detections (given in original pixels) for the images it recognises, letterboxed."
+    def __init__(self, records, dets):
+        super().__init__()
+        self.w, self.records, self.dets, self.by_image, self.empty = torch.nn.Parameter(torch.zeros(1)), records, dets, {}, False
+    def param_groups(self): return [[self.w]]
+    def remember(self, dl):
+        "Key each record by its image as the model will see it (valid transforms are deterministic)."
+        i = 0
+        for b in dl:
+            for img in b[0]: self.by_image[img.as_subclass(torch.Tensor).numpy().tobytes()] = i; i += 1
+    def detect(self, img):
+        if self.empty: return {'boxes': torch.zeros(0, 4), 'scores': torch.zeros(0), 'labels': torch.zeros(0, dtype=torch.int64), 'masks': torch.zeros(0, 1, *img.shape[-2:])}
+        i = self.by_image[img.numpy().tobytes()]
+        r, d = self.records[i], self.dets[i]
+        s = letterbox_scale(r.width, r.height, img.shape[-2:])
+        ch, cw = max(1, round(r.height*s)), max(1, round(r.width*s))
+        m = torch.nn.functional.interpolate(torch.from_numpy(d['masks']).float()[None], size=(ch, cw), mode='nearest')[0]
+        masks = torch.zeros(len(m), 1, *img.shape[-2:]); masks[:, 0, :ch, :cw] = m
+        return {'boxes': torch.from_numpy(d['boxes']) * s, 'scores': torch.from_numpy(d['scores']),
+                'labels': torch.from_numpy(d['labels']).long(), 'masks': masks}
+    def forward(self, images, targets=None):
+        if self.training: return {'loss_classifier': self.w.sum() * 0 + 1}
+        dets = [self.detect(img) for img in images]
+        return ({'loss_classifier': self.w.sum() * 0 + 1}, dets) if targets is not None else dets
+
+def test_learner_metrics_equal_pycocotools_on_get_preds(coco_records):
+    "validate()'s metrics == COCOeval on the original file and `loadRes` of what get_preds returned; zeros with no detections."
+    from icefast.data import dataloaders
+    from icefast.learner import detection_learner, detection_metrics
+    records, cm = coco_records
+    every = lambda items: (list(range(len(items))), list(range(len(items))))  # all six images in the validation set
+    dls = dataloaders(records, cm, size=256, bs=4, batch_tfms=[], splitter=every)
+    model = FixedMaskRCNN(list(dls.valid.items), fixed_detections(list(dls.valid.items), cm))
+    model.remember(dls.valid)
+    learn = detection_learner(dls, model, metrics=detection_metrics(model))  # 'MaskRCNN' in the name: box and mask metrics
+    names = [m.name for m in learn.metrics]
+    assert names == ['mAP', 'mAP50', 'mAP75', 'mAR100', 'mask_mAP', 'mask_mAP50']
+    with learn.no_bar(), learn.no_logging(): ours = dict(zip(names, learn.validate()[1:]))
+    preds, _ = learn.get_preds()
+    results = [a for r, p in zip(dls.valid.items, preds) for a in detections_to_coco(r.image_id, {k: v.numpy() for k, v in p.items()}, cm)]
+    bbox, segm = pycocotools_stats(results, 'bbox'), pycocotools_stats(results, 'segm')
+    assert 0.05 < ours['mAP'] < 0.95 and 0.05 < ours['mask_mAP'] < 0.95
+    assert [ours[k] for k in ('mAP', 'mAP50', 'mAP75', 'mAR100')] == [bbox[0], bbox[1], bbox[2], bbox[8]]
+    assert [ours['mask_mAP'], ours['mask_mAP50']] == [segm[0], segm[1]]
+    per = learn.detection.evaluator().per_class
+    assert set(per) == {'bbox', 'segm'} and any(v == v and v > 0 for v in per['bbox'].values())
+    model.empty = True  # an epoch without a single detection: zeros, not pycocotools' IndexError
+    with learn.no_bar(), learn.no_logging(): res = learn.validate()
+    assert res[1:] == [0.0] * 6
+    assert all(len(p['boxes']) == 0 for p in learn.get_preds()[0])

@@ -92,7 +92,7 @@ class EfficientDetModel(nn.Module):
             if k: bbox[i, :k] = t['boxes'].to(device).float()[:, [1, 0, 3, 2]]; cls[i, :k] = t['labels'].to(device).float()
         return bbox, cls
 
-    def losses(self, class_out, box_out, targets, device):
+    def loss_dict(self, class_out, box_out, targets, device):
         "effdet's focal and box losses; their sum is effdet's loss."
         b = self.bench
         cls_t, box_t, n_pos = b.anchor_labeler.batch_label_anchors(*self._targets(targets, device))
@@ -120,9 +120,9 @@ class EfficientDetModel(nn.Module):
         class_out, box_out = self.net((x - self.mean) / self.std)
         if self.training:
             if targets is None: raise ValueError("in training mode the model needs targets")
-            return self.losses(class_out, box_out, targets, x.device)
+            return self.loss_dict(class_out, box_out, targets, x.device)
         dets = self.detections(class_out, box_out, len(x))
-        return dets if targets is None else (self.losses(class_out, box_out, targets, x.device), dets)
+        return dets if targets is None else (self.loss_dict(class_out, box_out, targets, x.device), dets)
 
     def param_groups(self) -> list: return param_groups(self)
 
@@ -178,6 +178,7 @@ def model(
         state = {k[len('bench.model.'):] if k.startswith('bench.model.') else k[6:] if k.startswith('model.') else k: v for k, v in state.items()}
         load_weights(net, state, f"{cfg.name} ({'COCO' if pretrained is True else pretrained})")
     m = EfficientDetModel(net)
+    m.icefast_pretrained = pretrained not in (False, None) or pretrained_backbone not in (False, None)  # read by `fine_tune`
     m.icefast_config = dict(arch='efficientdet', model_name=None if backbone else model_name, backbone=backbone,
                             num_classes=num_classes, img_size=list(cfg.image_size))
     return m

@@ -125,6 +125,8 @@ def build_rcnn(
     model.__class__ = _CLASSES[arch]  # torchvision's own builders (v2) make the plain class
     if whole: _load_detector(model, arch, name, pretrained)
     if img_size is not None: set_image_size(model, img_size)
+    bb_pretrained = (pretrained_backbone not in (False, None)) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
+    model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
     model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, kwargs={k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
     return model
 
@@ -164,7 +166,7 @@ def rcnn_param_groups(model:nn.Module) -> list:
     "Parameter groups of a torchvision R-CNN: backbone (two halves), FPN if any, then RPN and RoI heads."
     bb = model.backbone
     body = getattr(bb, 'body', bb)
-    groups = split_params(list(body.parameters()), 2)
+    groups = split_params([p for p in body.parameters() if p.requires_grad], 2)  # stages the builder froze stay frozen
     if getattr(bb, 'fpn', None) is not None: groups.append(list(bb.fpn.parameters()))
     groups.append(list(model.rpn.parameters()) + list(model.roi_heads.parameters()))
     return groups
