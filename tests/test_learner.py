@@ -84,7 +84,7 @@ def test_mask_rcnn_predicts_masks_at_original_size(trained_mask, tmp_path):
     assert singles and np.mean(ious) > 0.4, ious
     fig = learn.show_results(max_n=2)
     fig.savefig(tmp_path/'masks.png')
-    assert len(fig.axes[0].images) == 2  # the image and the mask overlay
+    assert any(len(ax.images) == 2 for ax in fig.axes)  # the image and the mask overlay, where there are masks
 
 @pytest.mark.parametrize('backbone', ['resnet18'])
 def test_efficientdet_fine_tunes(shapes, backbone):
