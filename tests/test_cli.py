@@ -1,0 +1,343 @@
+"""The `icefast` command line: train in every format, predict and eval on its runs, the demo's code path, and bad input
+that ends in one line on stderr with exit code 2 (no traceback)."""
+import csv, json, os, shutil, subprocess, sys, warnings
+from pathlib import Path
+
+import pytest
+
+from icefast.cli import main
+from icefast.synthetic import make_shapes, SHAPES
+
+ROOT = Path(__file__).resolve().parents[1]
+# 1 epoch at 64-96 px on resnet18 FPN: the code paths, not the accuracy (the demo's accuracy is measured by hand)
+FAST = ['--backbone', 'resnet_fpn.resnet18', '--pretrained', 'false', '--bs', '2', '--workers', '0', '--device', 'cpu']
+
+
+def run(capsys, *argv):
+    "`main(argv)` in this process: (exit code, stdout, stderr)."
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('icefast') and ': error: ' in lines[0], err
+    assert 'Traceback' not in err
+    for w in words: assert w.lower() in err.lower(), (w, err)
+
+
+def assert_run_folder(out, epochs):
+    for f in ('metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
+              'data_report.json', 'data_report.txt', 'run.json'):
+        assert (out/f).is_file() and (out/f).stat().st_size > 0, f
+    with open(out/'metrics.csv') as f: rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == list(range(epochs))
+    assert {'train_loss', 'valid_loss', 'mAP', 'mAP50', 'seconds'} <= set(rows[0])
+    assert len(json.loads((out/'metrics.json').read_text())) == epochs
+    rep = json.loads((out/'data_report.json').read_text())
+    assert {'source', 'n_images', 'n_boxes', 'counts', 'fixes'} <= set(rep)
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    "A COCO shapes set (with polygons) of 16 small images."
+    root = tmp_path_factory.mktemp('shapes')
+    make_shapes(root, n_images=16, size=(96, 80), seed=3)
+    return root
+
+
+# A model barely moved from its initialization detects plenty (every class scores about 1/4), which is what the tests of
+# the output formats need; a few epochs at a real learning rate would first learn that everything is background.
+UNTRAINED = ['--lr', '1e-6']
+
+@pytest.fixture(scope='module')
+def coco_run(shapes, tmp_path_factory):
+    "Faster R-CNN 'trained' 2 epochs on the shapes, at a learning rate too low to change it."
+    out = tmp_path_factory.mktemp('coco_run')
+    assert main(['train', '--data', str(shapes), '--format', 'coco', '--size', '64', '--epochs', '2', *UNTRAINED,
+                 '--valid-pct', '0.25', '--out', str(out), *FAST]) == 0
+    return out
+
+
+def test_train_coco_writes_a_run_folder(coco_run):
+    assert_run_folder(coco_run, 2)
+    summary = json.loads((coco_run/'run.json').read_text())
+    assert summary['classes'] == list(SHAPES) and summary['n_train'] == 12 and summary['n_valid'] == 4
+    rows = json.loads((coco_run/'metrics.json').read_text())
+    assert summary['best_epoch'] == max(range(2), key=lambda i: (rows[i]['mAP'], -i))  # SaveModelCallback(monitor='mAP')
+
+
+def test_predict_results_load_against_the_ground_truth(coco_run, shapes, capsys):
+    from pycocotools.coco import COCO
+    out = coco_run.parent/'pred'
+    code, stdout, err = run(capsys, 'predict', coco_run/'model.pkl', shapes/'images', '--out', out, '--threshold', 0,
+                            '--data', shapes, '--format', 'coco')
+    assert code == 0, err
+    res = json.loads((out/'predictions.json').read_text())
+    assert res, "the model gave no detection at all"
+    assert set(res[0]) == {'image_id', 'category_id', 'bbox', 'score'}
+    gt = COCO(str(shapes/'annotations.json'))
+    dt = gt.loadRes(str(out/'predictions.json'))
+    assert set(dt.getImgIds()) <= set(gt.getImgIds())
+    for r in res:  # xywh in the original 96 x 80 pixels
+        x, y, w, h = r['bbox']
+        assert 0 <= x and 0 <= y and x + w <= 96 + 1e-3 and y + h <= 80 + 1e-3
+    assert len(list((out/'images').glob('*.jpg'))) == 16
+    cats = json.loads((out/'images.json').read_text())['categories']
+    assert [c['name'] for c in cats] == list(SHAPES)
+
+
+def test_predict_without_data_uses_file_numbers_as_ids(coco_run, shapes, capsys):
+    out = coco_run.parent/'pred_plain'
+    code, _, err = run(capsys, 'predict', coco_run, shapes/'images'/'0003.jpg', '--out', out, '--threshold', 0.0)
+    assert code == 0, err
+    ids = {r['image_id'] for r in json.loads((out/'predictions.json').read_text())}
+    assert ids <= {3}
+    assert json.loads((out/'images.json').read_text())['images'][0]['id'] == 3
+
+
+def test_eval_prints_the_metrics_table_per_class(coco_run, shapes, capsys):
+    out = coco_run.parent/'eval'
+    code, stdout, err = run(capsys, 'eval', coco_run, '--data', shapes/'annotations.json', '--format', 'coco', '--out', out)
+    assert code == 0, err
+    for word in ('mAP50', 'mAR100', 'class', 'circle', 'square', 'triangle'): assert word in stdout
+    res = json.loads((out/'eval.json').read_text())
+    assert set(res['metrics']) == {'mAP', 'mAP50', 'mAP75', 'mAR100'} and set(res['per_class']['bbox']) == set(SHAPES)
+    assert res['n_images'] == 16
+
+
+def test_mask_rcnn_on_coco_masks_as_rle(shapes, tmp_path, capsys):
+    from pycocotools.coco import COCO
+    from pycocotools import mask as mask_utils
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--arch', 'mask_rcnn', '--size', '64',
+                       '--epochs', '1', *UNTRAINED, '--valid-pct', '0.25', '--out', out, *FAST)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    assert {'mask_mAP', 'mask_mAP50'} <= set(json.loads((out/'metrics.json').read_text())[0])
+    code, _, err = run(capsys, 'predict', out, shapes/'images'/'0001.jpg', shapes/'images'/'0002.jpg', '--out', tmp_path/'pred',
+                       '--threshold', 0, '--data', shapes, '--format', 'coco')
+    assert code == 0, err
+    res = json.loads((tmp_path/'pred'/'predictions.json').read_text())
+    assert res and {r['image_id'] for r in res} <= {2, 3}
+    assert mask_utils.decode(res[0]['segmentation']).shape == (80, 96)  # COCO RLE in the original pixels
+    COCO(str(shapes/'annotations.json')).loadRes(res)
+    code, stdout, err = run(capsys, 'eval', out, '--data', shapes, '--format', 'coco')
+    assert code == 0 and 'mask_mAP' in stdout and 'AP mask' in stdout, err
+
+
+def test_train_voc_fridge(samples, tmp_path, capsys):
+    out = tmp_path/'run'
+    code, stdout, err = run(capsys, 'train', '--data', samples/'fridge'/'odFridgeObjects', '--format', 'voc', '--size', '96',
+                            '--epochs', '1', '--valid-pct', '0.34', '--out', out, *FAST)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    assert json.loads((out/'run.json').read_text())['classes'] == ['can', 'carton', 'milk_bottle', 'water_bottle']
+    code, stdout, err = run(capsys, 'eval', out, '--data', samples/'fridge'/'odFridgeObjects', '--format', 'voc')
+    assert code == 0 and 'milk_bottle' in stdout, err
+
+
+def test_train_voc_with_a_split_file(samples, tmp_path, capsys):
+    (tmp_path/'val.txt').write_text('2011_003353\n')
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', samples/'voc', '--format', 'voc', '--size', '64', '--epochs', '1',
+                       '--split', tmp_path/'val.txt', '--out', out, *FAST)
+    assert code == 0, err
+    s = json.loads((out/'run.json').read_text())
+    assert (s['n_train'], s['n_valid']) == (1, 1)
+
+
+def test_train_via(samples, tmp_path, capsys):
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', samples/'via'/'via_bbox.json', '--format', 'via', '--size', '64',
+                       '--epochs', '1', '--valid-pct', '0.5', '--out', out, *FAST)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    rep = json.loads((out/'data_report.json').read_text())
+    assert rep['n_images'] == 2 and rep['n_boxes'] > 0
+
+
+def test_train_coco_samples_and_predict_against_them(samples, tmp_path, capsys):
+    "The real COCO sample (80 categories, a crowd region): predictions keep COCO's own image and category ids."
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', samples/'annotations.json', '--format', 'coco', '--size', '64',
+                       '--epochs', '1', '--valid-pct', '0.34', '--out', out, *FAST)
+    assert code == 0, err
+    code, _, err = run(capsys, 'predict', out, samples/'images', '--out', tmp_path/'pred', '--threshold', 0,
+                       '--data', samples, '--format', 'coco')
+    assert code == 0, err
+    images = json.loads((tmp_path/'pred'/'images.json').read_text())['images']
+    assert {i['id'] for i in images} == {128372, 404249, 343934, 194216, 464689, 89}
+
+
+def _write_csv(shapes, root):
+    "The shapes set as a CSV of boxes (root/boxes.csv, images in root/images)."
+    d = json.loads((shapes/'annotations.json').read_text())
+    names = {i['id']: i['file_name'] for i in d['images']}
+    root.mkdir()
+    shutil.copytree(shapes/'images', root/'images')
+    with open(root/'boxes.csv', 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(['filename', 'label', 'xmin', 'ymin', 'xmax', 'ymax'])
+        for a in d['annotations']:
+            x, y, bw, bh = a['bbox']
+            w.writerow([names[a['image_id']], SHAPES[a['category_id'] - 1], x, y, x + bw, y + bh])
+        boxed = {a['image_id'] for a in d['annotations']}
+        for i, fn in names.items():
+            if i not in boxed: w.writerow([fn, '', '', '', '', ''])
+    return root
+
+
+def _write_yolo(shapes, root):
+    "The shapes set in YOLO layout: root/images, root/labels/<stem>.txt, root/classes.txt."
+    d = json.loads((shapes/'annotations.json').read_text())
+    root.mkdir()
+    shutil.copytree(shapes/'images', root/'images')
+    (root/'labels').mkdir()
+    imgs = {i['id']: i for i in d['images']}
+    lines = {i: [] for i in imgs}
+    for a in d['annotations']:
+        im, (x, y, w, h) = imgs[a['image_id']], a['bbox']
+        lines[a['image_id']].append(f"{a['category_id'] - 1} {(x + w/2)/im['width']:.6f} {(y + h/2)/im['height']:.6f} "
+                                    f"{w/im['width']:.6f} {h/im['height']:.6f}")
+    for i, ls in lines.items():
+        if ls: (root/'labels'/(Path(imgs[i]['file_name']).stem + '.txt')).write_text('\n'.join(ls) + '\n')
+    (root/'classes.txt').write_text('\n'.join(SHAPES) + '\n')
+    return root
+
+
+def test_train_csv_through_the_installed_script(shapes, tmp_path):
+    "One run as a user runs it: the `icefast` console script in a subprocess."
+    data, out = _write_csv(shapes, tmp_path/'csv'), tmp_path/'run'
+    exe = Path(sys.executable).parent/'icefast'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'import sys; from icefast.cli import main; sys.exit(main())']
+    env = dict(os.environ, KMP_BLOCKTIME='0')
+    res = subprocess.run(cmd + ['train', '--data', str(data), '--format', 'csv', '--size', '64', '--epochs', '1',
+                                '--valid-pct', '0.25', '--out', str(out), *FAST], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'CSVParser(boxes.csv): 16 images' in res.stdout and 'best mAP' in res.stdout
+    assert_run_folder(out, 1)
+    assert json.loads((out/'run.json').read_text())['classes'] == list(SHAPES)
+
+
+def test_train_yolo_efficientdet(shapes, tmp_path, capsys):
+    data, out = _write_yolo(shapes, tmp_path/'yolo'), tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', data, '--format', 'yolo', '--arch', 'efficientdet', '--backbone',
+                       'mobilenetv3_small_100', '--pretrained', 'false', '--size', '128', '--epochs', '1', '--bs', '2',
+                       '--valid-pct', '0.25', '--workers', '0', '--device', 'cpu', '--out', out)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    s = json.loads((out/'run.json').read_text())
+    assert s['classes'] == list(SHAPES) and s['arch'] == 'efficientdet'
+    code, stdout, err = run(capsys, 'eval', out, '--data', data, '--format', 'yolo')
+    assert code == 0 and 'triangle' in stdout, err
+
+
+def test_demo_code_path_quick(tmp_path, capsys):
+    "`icefast demo` end to end with tiny settings (the real demo trains ~4 minutes)."
+    code, stdout, err = run(capsys, 'demo', '--out', tmp_path/'demo', '--quick', '--device', 'cpu', '--workers', '0')
+    assert code == 0, err
+    assert_run_folder(tmp_path/'demo', 1)
+    assert (tmp_path/'demo'/'data'/'annotations.json').is_file()
+    s = json.loads((tmp_path/'demo'/'run.json').read_text())
+    assert s['command'] == 'demo' and s['format'] == 'coco' and 'mAP50' in s['best']
+    assert 'icefast demo: mAP50' in stdout
+
+
+# -- help and bad input --------------------------------------------------------------------------------------------
+
+def test_help_of_every_command(capsys):
+    for cmd in ([], ['train'], ['predict'], ['eval'], ['demo']):
+        code, out, _ = run(capsys, *cmd, '--help')
+        assert code == 0 and 'usage: icefast' in out
+    code, out, _ = run(capsys, 'train', '--help')
+    for fmt in ('coco', 'voc', 'via', 'csv', 'yolo'): assert f'\n  {fmt} ' in out  # the data layouts
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, icefast.cli; assert 'torch' not in sys.modules and 'fastai' not in sys.modules, 'heavy import'"
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_bad_arguments_in_a_subprocess(tmp_path):
+    exe = Path(sys.executable).parent/'icefast'
+    if not exe.exists(): pytest.skip('icefast script not installed (pip install -e .)')
+    res = subprocess.run([str(exe), 'train', '--data', str(tmp_path), '--format', 'xml', '--out', str(tmp_path/'o')],
+                         capture_output=True, text=True)
+    assert_one_line_error(res.returncode, res.stderr, "invalid choice: 'xml'")
+    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert_one_line_error(res.returncode, res.stderr, 'no command')
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    code, _, err = run(capsys, 'train', '--data', tmp_path/'nope', '--format', 'coco', '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, 'no such file or folder', 'nope')
+
+
+def test_missing_required_argument(tmp_path, capsys):
+    code, _, err = run(capsys, 'train', '--format', 'coco', '--out', tmp_path/'o')
+    assert_one_line_error(code, err, '--data')
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--epochs', 'x'], ['--epochs', "invalid int value"]),
+    (['--lr', 'fast'], ["--lr fast"]),
+    (['--valid-pct', '1.5'], ['--valid-pct']),
+    (['--pretrained', 'maybe.pth'], ['--pretrained maybe.pth']),
+    (['--backbone', 'resnet_fpn.resnet7'], ['unknown backbone', 'resnet_fpn.resnet7']),
+    (['--valid-pct', '0.2', '--split', 'a.txt'], ['not allowed with']),
+])
+def test_bad_train_arguments(shapes, tmp_path, capsys, argv, words):
+    args = ['train', '--data', shapes, '--format', 'coco', '--out', tmp_path/'o', '--size', '64', *FAST]
+    code, _, err = run(capsys, *args, *argv)
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.parametrize('fmt, name', [('coco', 'annotations.json'), ('via', 'via.json'), ('csv', 'boxes.csv')])
+def test_empty_annotation_file(tmp_path, capsys, fmt, name):
+    (tmp_path/name).write_text('')
+    code, _, err = run(capsys, 'train', '--data', tmp_path/name, '--format', fmt, '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, name)
+
+
+def test_parse_error_names_the_file_and_place(tmp_path, capsys):
+    (tmp_path/'annotations.json').write_text('{"images": [], "annotations": [], ')
+    code, _, err = run(capsys, 'train', '--data', tmp_path, '--format', 'coco', '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, 'annotations.json', 'invalid JSON at line 1')
+
+
+def test_data_in_another_format(shapes, tmp_path, capsys):
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'voc', '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, 'Annotations/')
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'yolo', '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, 'labels/')
+
+
+def test_corrupt_images(shapes, tmp_path, make_image, capsys):
+    "Every image corrupt: nothing to train on (the report says why). Predicting on a corrupt image: its name."
+    data = tmp_path/'corrupt'
+    shutil.copytree(shapes, data, ignore=shutil.ignore_patterns('*.jpg'))
+    d = json.loads((shapes/'annotations.json').read_text())
+    for im in d['images']: make_image(im['file_name'], 'truncated', folder='corrupt/images')
+    code, out, err = run(capsys, 'train', '--data', data, '--format', 'coco', '--out', tmp_path/'o', *FAST)
+    assert_one_line_error(code, err, 'no usable image')
+    assert 'corrupt_image' in out  # the parser's report, printed before
+    bad = make_image('broken.jpg', 'truncated')
+    code, _, err = run(capsys, 'predict', tmp_path/'nowhere', bad, '--out', tmp_path/'p')
+    assert_one_line_error(code, err, 'no exported learner')
+
+
+def test_predict_on_a_corrupt_image(coco_run, make_image, tmp_path, capsys):
+    bad = make_image('broken.jpg', 'not_image')
+    code, _, err = run(capsys, 'predict', coco_run, bad, '--out', tmp_path/'p')
+    assert_one_line_error(code, err, 'broken.jpg', 'unreadable image')
+    code, _, err = run(capsys, 'predict', coco_run, tmp_path/'missing.jpg', '--out', tmp_path/'p')
+    assert_one_line_error(code, err, 'missing.jpg')
+
+
+def test_eval_with_a_file_that_is_not_a_learner(tmp_path, shapes, capsys):
+    (tmp_path/'model.pkl').write_bytes(b'not a pickle')
+    code, _, err = run(capsys, 'eval', tmp_path, '--data', shapes, '--format', 'coco')
+    assert_one_line_error(code, err, 'not a learner exported by icefast train')
