@@ -142,7 +142,10 @@ def parse_data(parser, log=print) -> list:
     rep = parser.report
     log(rep.summary(max_files=3))
     if not records: raise CLIError(f"{rep.source}: no usable image (every image is missing or unreadable); see the report above")
-    if rep.n_boxes == 0: raise CLIError(f"{rep.source}: no boxes in {rep.n_images} images: nothing to learn or evaluate")
+    if rep.n_boxes == 0:
+        why = (f": every box is of a class outside {', '.join(parser.class_map.classes[:8])}" if rep.counts.get('unknown_class')
+               else '')
+        raise CLIError(f"{rep.source}: no boxes in {rep.n_images} images{why}: nothing to learn or evaluate")
     return records
 
 # %% ../nbs/11_cli.ipynb #c070eaa4
@@ -316,12 +319,13 @@ def train(args, log=print) -> dict:
     run_log, saver = RunLog(out), SaveModelCallback(monitor='mAP', fname='best', reset_on_fit=False)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
-        learn = detection_learner(dls, model, cbs=[run_log, saver], path=out, model_dir='models')
-        if lr == 'auto':
+        learn = detection_learner(dls, model, path=out, model_dir='models')
+        if lr == 'auto':  # before the run's callbacks, which would take lr_find's steps for epochs
             with _as_cli_error('lr_find'): sug = learn.lr_find(show_plot=False)
             lr = float(sug.valley)
             _save_fig(_lr_find_fig(learn), out/'lr_find.png')  # fastai's plot_lr_find returns no figure
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
+        learn.add_cbs([run_log, saver])
         try:
             learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
         except NonFiniteLoss as e: raise TrainingError(str(e)) from e

@@ -150,14 +150,17 @@ def test_train_voc_with_a_split_file(samples, tmp_path, capsys):
     assert (s['n_train'], s['n_valid']) == (1, 1)
 
 
-def test_train_via(samples, tmp_path, capsys):
+def test_train_via_with_lr_find(samples, tmp_path, capsys):
+    "VIA polygons and rects; `--lr auto` runs fastai's lr_find first, whose steps are not epochs of the run."
     out = tmp_path/'run'
-    code, _, err = run(capsys, 'train', '--data', samples/'via'/'via_bbox.json', '--format', 'via', '--size', '64',
-                       '--epochs', '1', '--valid-pct', '0.5', '--out', out, *FAST)
+    code, stdout, err = run(capsys, 'train', '--data', samples/'via'/'via_bbox.json', '--format', 'via', '--size', '64',
+                            '--epochs', '1', '--valid-pct', '0.5', '--out', out, *FAST, '--lr', 'auto')
     assert code == 0, err
     assert_run_folder(out, 1)
     rep = json.loads((out/'data_report.json').read_text())
     assert rep['n_images'] == 2 and rep['n_boxes'] > 0
+    assert (out/'lr_find.png').is_file() and 'lr_find suggests' in stdout
+    assert 0 < json.loads((out/'run.json').read_text())['lr'] < 10
 
 
 def test_train_coco_samples_and_predict_against_them(samples, tmp_path, capsys):
@@ -289,6 +292,7 @@ def test_missing_required_argument(tmp_path, capsys):
     (['--pretrained', 'maybe.pth'], ['--pretrained maybe.pth']),
     (['--backbone', 'resnet_fpn.resnet7'], ['unknown backbone', 'resnet_fpn.resnet7']),
     (['--valid-pct', '0.2', '--split', 'a.txt'], ['not allowed with']),
+    (['--arch', 'efficientdet', '--backbone', 'tf_efficientdet_lite0', '--size', '100'], ['multiples of']),
 ])
 def test_bad_train_arguments(shapes, tmp_path, capsys, argv, words):
     args = ['train', '--data', shapes, '--format', 'coco', '--out', tmp_path/'o', '--size', '64', *FAST]
@@ -336,6 +340,12 @@ def test_predict_on_a_corrupt_image(coco_run, make_image, tmp_path, capsys):
     assert_one_line_error(code, err, 'broken.jpg', 'unreadable image')
     code, _, err = run(capsys, 'predict', coco_run, tmp_path/'missing.jpg', '--out', tmp_path/'p')
     assert_one_line_error(code, err, 'missing.jpg')
+
+
+def test_eval_on_data_of_other_classes(coco_run, samples, capsys):
+    code, out, err = run(capsys, 'eval', coco_run, '--data', samples/'fridge'/'odFridgeObjects', '--format', 'voc')
+    assert_one_line_error(code, err, 'every box is of a class outside circle, square, triangle')
+    assert 'unknown_class' in out
 
 
 def test_eval_with_a_file_that_is_not_a_learner(tmp_path, shapes, capsys):
