@@ -238,6 +238,39 @@ def test_train_yolo_efficientdet(shapes, tmp_path, capsys):
     assert code == 0 and 'triangle' in stdout, err
 
 
+def test_pretrained_weights_from_files(shapes, tmp_path, capsys):
+    "--pretrained PATH: a whole detector's state dict or a backbone's; with weights, fine_tune trains a frozen epoch first."
+    import torch, torchvision
+    from icefast.cli import resolve_pretrained
+    from icefast.models import faster_rcnn
+    det, bb = tmp_path/'detector.pth', tmp_path/'resnet18.pth'
+    torch.save(faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=4).state_dict(), det)
+    torch.save(torchvision.models.resnet18().state_dict(), bb)
+    assert resolve_pretrained(str(det), 'faster_rcnn', 'resnet_fpn.resnet18') == (det, False)
+    assert resolve_pretrained(str(bb), 'faster_rcnn', 'resnet_fpn.resnet18') == (False, bb)
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--size', '64', '--epochs', '1',
+                       '--valid-pct', '0.25', '--out', out, *FAST, '--pretrained', det)
+    assert code == 0, err
+    assert_run_folder(out, 2)  # the frozen epoch and the unfrozen one, one row each, across fine_tune's two fits
+
+
+def test_two_split_files_and_yolo_names_from_data_yaml(shapes, tmp_path):
+    from icefast.cli import make_parser, split_records, parse_data
+    records = parse_data(make_parser(shapes, 'coco'), log=lambda *a: None)
+    (tmp_path/'train.txt').write_text('0000.jpg\n0001.jpg\n0002\n')
+    (tmp_path/'valid.txt').write_text('5\n')  # COCO image id 5 is 0004.jpg
+    kept, splitter = split_records(records, split=[tmp_path/'train.txt', tmp_path/'valid.txt'])
+    train, valid = splitter(kept)
+    assert sorted(kept[i].filepath.name for i in train) == ['0000.jpg', '0001.jpg', '0002.jpg']
+    assert [kept[i].filepath.name for i in valid] == ['0004.jpg']
+    data = _write_yolo(shapes, tmp_path/'yolo')
+    (data/'classes.txt').unlink()
+    (data/'data.yaml').write_text("path: .\nnames:\n  0: circle\n  1: square\n  2: triangle\n")
+    p = make_parser(data, 'yolo')
+    assert len(p.parse()) == 16 and p.class_map.classes == list(SHAPES)
+
+
 def test_demo_code_path_quick(tmp_path, capsys):
     "`icefast demo` end to end with tiny settings (the real demo trains ~4 minutes)."
     code, stdout, err = run(capsys, 'demo', '--out', tmp_path/'demo', '--quick', '--device', 'cpu', '--workers', '0')
