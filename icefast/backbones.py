@@ -71,13 +71,14 @@ def load_weights(module:nn.Module, state:dict, what:str, expected_unexpected=())
     reinit = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     res = module.load_state_dict({k: v for k, v in state.items() if k not in reinit}, strict=False)
     unexpected = [k for k in res.unexpected_keys if not any(k.startswith(p) for p in expected_unexpected)]
-    missing = [k for k in res.missing_keys if not k.endswith('num_batches_tracked')]
+    missing = [k for k in res.missing_keys if k not in reinit and not k.endswith('num_batches_tracked')]  # re-initialized keys are counted once
     rep = LoadReport(missing, unexpected, reinit)
     logger.info("%s: loaded weights, %s", what, rep)
     if reinit: warnings.warn(f"{what}: re-initialized {len(reinit)} tensors whose shape differs from the weights "
                              f"(e.g. a head for another number of classes): {reinit[:4]}{' ...' if len(reinit) > 4 else ''}", stacklevel=3)
+    if not any(k in state and k not in reinit for k in own if not k.endswith('num_batches_tracked')):
+        raise ValueError(f"{what}: none of the weights fit (first keys of the file: {list(state)[:3]})")
     if missing or unexpected:
-        if len(missing) == len(own): raise ValueError(f"{what}: none of the weights fit (first keys of the file: {list(state)[:3]})")
         warnings.warn(f"{what}: {rep}; missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}", stacklevel=3)
     return rep
 

@@ -163,6 +163,24 @@ def test_backbone_weights_from_upstream_checkpoint(tmp_path):
     torch.save(ref.state_dict(), tmp_path/'vgg11.pth')
     assert torch.equal(backbones.vgg.vgg11(pretrained=tmp_path/'vgg11.pth')[0].weight, ref.features[0].weight)
 
+def test_load_weights_reports_each_key_once():
+    "A tensor whose shape differs is re-initialized, and is not also reported as missing."
+    from icefast.backbones import load_weights
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5)).state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        rep = load_weights(net, state, 'toy')
+    assert rep.reinitialized == ['1.weight', '1.bias'] and rep.missing == [] and rep.unexpected == []
+    assert [str(w.message).split(':')[0] for w in caught] == ['toy']  # one warning: the re-initialization
+    assert 're-initialized 2 tensors' in str(caught[0].message) and torch.equal(net[0].weight, state['0.weight'])
+    del state['0.bias']
+    with pytest.warns(UserWarning, match='1 missing'): assert load_weights(net, state, 'toy').missing == ['0.bias']
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    for other in ({'conv.weight': torch.zeros(4, 3, 1, 1)}, {'0.weight': torch.zeros(5, 3, 1, 1)}):  # other names; other shapes
+        with pytest.raises(ValueError, match='toy: none of the weights fit'), warnings.catch_warnings():
+            warnings.simplefilter('ignore'); load_weights(bn, other, 'toy')
+
 def test_detector_weights_from_upstream_checkpoint(tmp_path):
     ref = tvd.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
     torch.save(ref.state_dict(), tmp_path/'fasterrcnn_resnet50_fpn_coco.pth')
