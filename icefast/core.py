@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 # %% auto #0
 __all__ = ['ClassMap', 'InstanceMask', 'PolygonMask', 'RLEMask', 'LabelImageMask', 'ArrayMask', 'Record', 'exif_orientation',
-           'image_size', 'to_rgb', 'open_image', 'verify_image']
+           'image_size', 'image_record', 'to_rgb', 'open_image', 'verify_image']
 
 # %% ../nbs/00_core.ipynb #cdb619c7
 class ClassMap:
@@ -177,6 +177,12 @@ def _displayed_size(img):
 def image_size(path) -> tuple:
     "(width, height) of the image at `path` as displayed, read from its header."
     with Image.open(path) as img: return _displayed_size(img)
+
+def image_record(path, image_id=None) -> Record:
+    "A `Record` without annotations for the image at `path` (for inference): its size from the header, its id the file's stem."
+    try: w, h = image_size(path)
+    except Exception as e: raise OSError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return Record(path, Path(path).stem if image_id is None else image_id, w, h)
 
 def _to_uint8(a:np.ndarray) -> np.ndarray:
     if a.dtype.kind == 'f' and a.size and a.min() >= 0 and a.max() <= 1: return (a*255).round().astype(np.uint8)

@@ -17,14 +17,14 @@ from fastai.vision.augment import RandTransform, RandomResizedCropGPU, FlipItem,
 from fasttransform import Transform, ItemTransform
 from PIL import Image
 
-from .core import ClassMap, Record, open_image
+from .core import ClassMap, Record, open_image, image_record
 
 # %% auto #0
 __all__ = ['TensorInstanceMasks', 'LazyMasks', 'record_boxes', 'record_pixel_boxes', 'record_labels', 'record_masks',
            'record_path', 'LoadImage', 'letterbox_scale', 'BoxScaler', 'Letterbox', 'DecodeMasks', 'InstanceLabeler',
            'pad_instances', 'targets_from_batch', 'split_batch', 'RecordImageBlock', 'RecordBBoxBlock', 'LabelBlock',
            'InstanceMaskBlock', 'detection_aug_transforms', 'IdSplitter', 'FileListSplitter', 'RecordsSplitter',
-           'FolderSplitter', 'detection_datablock', 'dataloaders']
+           'FolderSplitter', 'detection_datablock', 'DetectionDataLoaders', 'dataloaders']
 
 # %% ../nbs/02_data.ipynb #eca008b0
 class TensorInstanceMasks(TensorMask):
@@ -330,6 +330,11 @@ def detection_datablock(
                      item_tfms=[Letterbox(size), *([FlipItem(0.5)] if item_tfms is None else item_tfms)],
                      batch_tfms=detection_aug_transforms() if batch_tfms is None else batch_tfms)
 
+class DetectionDataLoaders(DataLoaders):
+    "fastai `DataLoaders` whose `test_dl` also takes image paths, as records without annotations."
+    def test_dl(self, test_items, **kwargs):
+        return super().test_dl([o if isinstance(o, Record) else image_record(o) for o in test_items], **kwargs)
+
 def dataloaders(
     records:list, # `Record`s from a parser
     class_map:ClassMap, # Their classes
@@ -340,7 +345,7 @@ def dataloaders(
     batch_tfms=None, # Batch transforms; default `detection_aug_transforms()` (lighting)
     masks:bool=None, # Instance masks; default: when the records have them
     **kwargs, # Passed to `DataBlock.dataloaders` (num_workers, device, ...)
-) -> DataLoaders:
+) -> DetectionDataLoaders:
     "fastai `DataLoaders` of `(image, boxes, labels[, masks])` batches from records."
     if not records: raise ValueError("no records to load: the parser found no usable image (see its report)")
     if masks is None: masks = all(r.masks is not None for r in records)
@@ -348,5 +353,6 @@ def dataloaders(
         raise ValueError(f"masks=True but {sum(r.masks is None for r in records)} records have no masks (parse with masks=True)")
     dblock = detection_datablock(class_map, size, masks, splitter, item_tfms, batch_tfms)
     dls = dblock.dataloaders(records, bs=bs, **kwargs)
+    dls = DetectionDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     dls.class_map = class_map
     return dls

@@ -266,10 +266,8 @@ class DetectionLearner(Learner):
 
     def predict(self, item, threshold:float=0.0) -> dict:
         "Detections in one image (a path or a `Record`): xyxy boxes in its own pixels, class `names`, `scores`, `masks`."
-        from icefast.core import Record, image_size
-        if not isinstance(item, Record):
-            w, h = image_size(item)
-            item = Record(item, Path(item).stem, w, h)
+        from icefast.core import Record, image_record
+        if not isinstance(item, Record): item = image_record(item)
         dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
         d = self._detect(dl, [item])[0]
         keep = d['scores'] >= threshold

@@ -277,6 +277,17 @@ def test_dataloaders_pickle_for_export(shapes):
     empty = pickle.loads(pickle.dumps(dls.new_empty()))
     assert len(empty.train_ds) == 0
 
+def test_test_dl_takes_image_paths(shapes, tmp_path):
+    "Plain paths become records without annotations; their images come out as the records' do (letterboxed, not flipped)."
+    records, cm = shapes
+    dls = _dls(records, cm)
+    from_paths, from_records = dls.test_dl([r.filepath for r in records[:2]]), dls.test_dl(records[:2])
+    assert [r.image_id for r in from_paths.items] == [r.filepath.stem for r in records[:2]] and len(from_paths.items[0]) == 0
+    assert torch.equal(from_paths.one_batch()[0], from_records.one_batch()[0])
+    assert type(pickle.loads(pickle.dumps(dls.new_empty()))).__name__ == 'DetectionDataLoaders'  # what load_learner gets
+    bad = tmp_path/'bad.png'; bad.write_bytes(b'not an image')
+    with pytest.raises(OSError, match='bad.png: cannot read image'): dls.test_dl([bad])
+
 def test_masks_requested_without_masks_is_a_clear_error(shapes):
     records, cm = shapes
     plain = [Record(r.filepath, r.image_id, r.width, r.height, r.labels, r.boxes) for r in records]

@@ -143,6 +143,10 @@ def test_export_and_load_learner_round_trip(trained, tmp_path):
     a, b = trained.predict(item), loaded.predict(item)
     assert torch.allclose(a['boxes'], b['boxes']) and a['names'] == b['names']
     assert list(loaded.dls.class_map.vocab) == list(trained.dls.class_map.vocab)  # fastai's export empties the DataLoaders
+    records = list(trained.dls.valid_ds.items[:3])  # new images as plain paths, as fastai users pass them to test_dl
+    from_paths, _ = loaded.get_preds(dl=loaded.dls.test_dl([r.filepath for r in records]))
+    from_records, _ = trained.get_preds(dl=trained.dls.test_dl(records))
+    assert len(from_paths) == 3 and all(torch.allclose(a['boxes'], b['boxes']) for a, b in zip(from_paths, from_records))
 
 def test_show_results_renders(trained, tmp_path):
     import matplotlib; matplotlib.use('Agg')
