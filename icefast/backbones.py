@@ -14,8 +14,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['logger', 'resnet_fpn', 'resnet', 'mobilenet', 'vgg', 'WeightsUnavailable', 'load_state_dict', 'download_weights',
-           'LoadReport', 'load_weights', 'save_model', 'BackboneSpec', 'register_backbone', 'build_backbone',
-           'list_backbones', 'BackboneFamily']
+           'LoadReport', 'load_weights', 'save_model', 'load_model', 'BackboneSpec', 'register_backbone',
+           'build_backbone', 'list_backbones', 'BackboneFamily']
 
 # %% ../nbs/03_backbones.ipynb #6d9743f7
 logger = logging.getLogger('icefast.backbones')
@@ -87,7 +87,40 @@ def save_model(model:nn.Module, path) -> None:
     "Save `model`'s state dict with the config that rebuilds it (`icefast` key), to load with or without icefast."
     cfg = dict(getattr(model, 'icefast_config', {}))
     if hasattr(model, 'transform'): cfg.update(min_size=model.transform.min_size[0], max_size=model.transform.max_size)
+    cfg['frozen'] = [n for n, p in model.named_parameters() if not p.requires_grad]
     torch.save({'state_dict': model.state_dict(), 'icefast': cfg}, path)
+
+def _rebuild(cfg:dict, state:dict) -> nn.Module:
+    "The architecture `cfg` (from `save_model`) describes, built without weights; batch-norm frozen where `state` says so."
+    if cfg['arch'] == 'efficientdet':
+        from icefast.models import efficientdet
+        return efficientdet.model(cfg['model_name'] or 'tf_efficientdet_lite0', num_classes=cfg['num_classes'],
+                                  img_size=cfg['img_size'], backbone=cfg['backbone'])
+    from icefast.models.rcnn import build_rcnn
+    name = cfg['backbone']
+    if name is None: raise ValueError("saved with a backbone module of your own: build the model as before, then load the 'state_dict'")
+    frozen_bn = not any(k.startswith('backbone.') and k.endswith('num_batches_tracked') for k in state)  # FrozenBatchNorm2d has none
+    backbone = name if name == 'resnet50_fpn_v2' else build_backbone(name, frozen_bn=frozen_bn)
+    model = build_rcnn(cfg['arch'], backbone=backbone, num_classes=cfg['num_classes'], **cfg.get('kwargs', {}))
+    model.transform.min_size, model.transform.max_size = (cfg['min_size'],), cfg['max_size']
+    return model
+
+def load_model(path) -> nn.Module:
+    "Rebuild a model saved by `save_model` as it was (batch-norm, frozen parameters, image size) and load its weights."
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"{path}: model file not found")
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise ValueError(f"{path}: not a PyTorch file ({type(e).__name__}: {e})") from None
+    cfg = ckpt.get('icefast') if isinstance(ckpt, dict) else None
+    if not cfg or 'arch' not in cfg:
+        raise ValueError(f"{path}: not written by save_model (no 'icefast' config); build the model and pass pretrained='{path}'")
+    try: model = _rebuild(cfg, ckpt['state_dict'])
+    except ValueError as e: raise ValueError(f"{path}: {e}") from None
+    try: model.load_state_dict(ckpt['state_dict'])
+    except RuntimeError as e: raise ValueError(f"{path}: the weights do not fit the {cfg['arch']} they say they are for: {e}") from None
+    for n, p in model.named_parameters(): p.requires_grad_(n not in cfg.get('frozen', ()))
+    model.icefast_pretrained = True  # trained weights: `fine_tune` starts with a frozen epoch, as for any pretrained model
+    return model
 
 # %% ../nbs/03_backbones.ipynb #602c2539
 def _tv_weights(arch):

@@ -232,6 +232,53 @@ def test_saved_weights_rebuild_with_plain_torchvision(tmp_path):
     with torch.no_grad(): a, b = m.eval()(x), plain.eval()(x)
     assert torch.equal(a[0]['boxes'], b[0]['boxes'])
 
+def _same_model(a, b, x):
+    "Same tensors, same frozen parameters, same batch-norm kinds, same outputs on `x`."
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [n for n, p in a.named_parameters() if not p.requires_grad] == [n for n, p in b.named_parameters() if not p.requires_grad]
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+    with torch.no_grad(): oa, ob = a.eval()(x), b.eval()(x)
+    assert all(torch.equal(da['boxes'], db['boxes']) for da, db in zip(oa, ob))
+
+@pytest.mark.parametrize('build', ['fine_tuned', 'scratch', 'mask_rcnn'])
+def test_load_model_rebuilds_rcnn_as_saved(build, tmp_path):
+    "Frozen batch-norm and torchvision's frozen stages (a fine-tuned COCO model) or plain batch-norm (from scratch) come back."
+    from icefast.backbones import save_model, load_model
+    kw = dict(backbone='resnet_fpn.resnet18', num_classes=NUM_CLASSES, img_size=(96, 128))
+    if build == 'fine_tuned':
+        torch.save(faster_rcnn.model(**kw).state_dict(), tmp_path/'coco.pth')
+        m = faster_rcnn.model(pretrained=tmp_path/'coco.pth', **kw)
+        assert type(m.backbone.body.bn1).__name__ == 'FrozenBatchNorm2d' and not m.backbone.body.layer1[0].conv1.weight.requires_grad
+    else:
+        m = (mask_rcnn if build == 'mask_rcnn' else faster_rcnn).model(**kw, box_detections_per_img=50)
+        m.roi_heads.box_head.fc6.weight.requires_grad_(False)  # frozen by hand: stays frozen
+    for n, b in m.named_buffers():  # batch-norm statistics that differ from the init's
+        if n.endswith('running_mean'): b.uniform_(-.1, .1)
+    save_model(m, tmp_path/'model.pth')
+    loaded = load_model(tmp_path/'model.pth')
+    _same_model(m, loaded, [torch.rand(3, 96, 128)])
+    assert loaded.transform.min_size == m.transform.min_size and loaded.icefast_pretrained
+    assert loaded.roi_heads.detections_per_img == m.roi_heads.detections_per_img
+
+def test_load_model_rebuilds_efficientdet(tmp_path):
+    from icefast.backbones import save_model, load_model
+    m = efficientdet.model(backbone='resnet18', num_classes=NUM_CLASSES, img_size=(128, 256))
+    save_model(m, tmp_path/'model.pth')
+    _same_model(m, load_model(tmp_path/'model.pth'), torch.rand(1, 3, 128, 256))
+
+def test_load_model_refuses_what_it_cannot_rebuild(tmp_path):
+    from icefast.backbones import save_model, load_model, build_backbone
+    with pytest.raises(FileNotFoundError, match='none.pth: model file not found'): load_model(tmp_path/'none.pth')
+    m = faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=NUM_CLASSES)
+    torch.save(m.state_dict(), tmp_path/'plain.pth')
+    with pytest.raises(ValueError, match="plain.pth: not written by save_model .* pretrained="): load_model(tmp_path/'plain.pth')
+    bb = build_backbone('resnet_fpn.resnet18'); bb.icefast_name = None  # a backbone module of the user's own
+    save_model(faster_rcnn.model(backbone=bb, num_classes=NUM_CLASSES), tmp_path/'own.pth')
+    with pytest.raises(ValueError, match='own.pth: saved with a backbone module of your own'): load_model(tmp_path/'own.pth')
+    (tmp_path/'text.pth').write_text('hello')
+    with pytest.raises(ValueError, match='text.pth: not a PyTorch file'): load_model(tmp_path/'text.pth')
+
 def test_saved_efficientdet_rebuilds_with_plain_effdet(tmp_path):
     from effdet import create_model, DetBenchPredict
     m = efficientdet.model('tf_efficientdet_lite0', num_classes=NUM_CLASSES, img_size=256).eval()
