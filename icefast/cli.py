@@ -194,6 +194,18 @@ def resolve_pretrained(value:str, arch:str, backbone:str):
 
 DEFAULT_BACKBONES = {'faster_rcnn': 'resnet_fpn.resnet50', 'mask_rcnn': 'resnet_fpn.resnet50', 'efficientdet': 'tf_efficientdet_lite0'}
 
+def _efficientdet_which(efficientdet, backbone:str) -> dict:
+    return dict(model_name=backbone) if backbone in efficientdet.EFFDET_NAMES else dict(backbone=backbone)
+
+def _check_model_args(arch:str, backbone:str, size:int):
+    "The backbone name and EfficientDet's size rule, checked before any data are read or written."
+    from icefast.models import efficientdet
+    from icefast.models.rcnn import rcnn_names
+    backbone = backbone or DEFAULT_BACKBONES[arch]
+    with _as_cli_error(f"{arch} {backbone}", (KeyError, ValueError)):
+        if arch == 'efficientdet': efficientdet.efficientdet_config(**_efficientdet_which(efficientdet, backbone), img_size=size)
+        elif backbone not in rcnn_names(arch): raise KeyError(f"unknown backbone {backbone!r} for {arch}; known: {rcnn_names(arch)}")
+
 def build_model(arch:str, backbone:str, num_classes:int, size:int, pretrained='false'):
     "A detector of `arch` on `backbone` (a registered name; for EfficientDet a model name or a timm backbone)."
     from icefast.models import faster_rcnn, mask_rcnn, efficientdet
@@ -203,8 +215,7 @@ def build_model(arch:str, backbone:str, num_classes:int, size:int, pretrained='f
     try:
         with _as_cli_error(f"{arch} {backbone}", (KeyError, ValueError)):
             if arch == 'efficientdet':
-                which = dict(model_name=backbone) if backbone in efficientdet.EFFDET_NAMES else dict(backbone=backbone)
-                return efficientdet.model(**which, num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
+                return efficientdet.model(**_efficientdet_which(efficientdet, backbone), num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
             mod = {'faster_rcnn': faster_rcnn, 'mask_rcnn': mask_rcnn}[arch]
             return mod.model(backbone=backbone, num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
     except CLIError as e:
@@ -287,6 +298,8 @@ def train(args, log=print) -> dict:
     if args.size < 32: raise CLIError(f"--size {args.size}: at least 32 pixels")
     out = Path(args.out).expanduser()
     weights = resolve_pretrained(args.pretrained, args.arch, args.backbone or DEFAULT_BACKBONES[args.arch])
+    _check_model_args(args.arch, args.backbone, args.size)
+    if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
     masks = args.arch == 'mask_rcnn'
     parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr)
     records = parse_data(parser, log)

@@ -15,16 +15,16 @@ from fastai.torch_core import TensorBase, TensorMultiCategory
 from fastai.vision.core import PILImage, TensorMask, TensorBBox, TensorPoint, PointScaler, BBoxLabeler, LabeledBBox
 from fastai.vision.augment import RandTransform, RandomResizedCropGPU, FlipItem, aug_transforms, affine_grid
 from fasttransform import Transform, ItemTransform
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .core import ClassMap, Record, open_image, image_record
+from .core import ClassMap, Record, open_image, image_record, to_rgb
 
 # %% auto #0
 __all__ = ['TensorInstanceMasks', 'LazyMasks', 'record_boxes', 'record_pixel_boxes', 'record_labels', 'record_masks',
            'record_path', 'LoadImage', 'letterbox_scale', 'BoxScaler', 'Letterbox', 'DecodeMasks', 'InstanceLabeler',
            'pad_instances', 'targets_from_batch', 'split_batch', 'RecordImageBlock', 'RecordBBoxBlock', 'LabelBlock',
            'InstanceMaskBlock', 'detection_aug_transforms', 'IdSplitter', 'FileListSplitter', 'RecordsSplitter',
-           'FolderSplitter', 'detection_datablock', 'DetectionDataLoaders', 'dataloaders']
+           'FolderSplitter', 'detection_datablock', 'inference_item', 'DetectionDataLoaders', 'dataloaders']
 
 # %% ../nbs/02_data.ipynb #eca008b0
 class TensorInstanceMasks(TensorMask):
@@ -99,6 +99,7 @@ class LoadImage(Transform):
     "Type transform: a record's (or path's) image as an RGB `PILImage`, EXIF applied; JPEGs decoded at a reduced scale still covering `size`."
     def __init__(self, size=None): super().__init__(); self.size = _hw(size)
     def encodes(self, o):
+        if isinstance(o, PILImage): return o  # an image in memory (`inference_item`)
         path, orig = (o.filepath, (o.width, o.height)) if isinstance(o, Record) else (Path(o), None)
         fit = None if self.size is None else (self.size[1], self.size[0])
         try: img = open_image(path, fit_size=fit)
@@ -330,10 +331,25 @@ def detection_datablock(
                      item_tfms=[Letterbox(size), *([FlipItem(0.5)] if item_tfms is None else item_tfms)],
                      batch_tfms=detection_aug_transforms() if batch_tfms is None else batch_tfms)
 
+def inference_item(o):
+    "A `Record` as is, an image file as a `Record` without annotations, an image in memory (PIL, HWC array, CHW tensor) as a `PILImage`."
+    if isinstance(o, Record): return o
+    if isinstance(o, (str, Path)): return image_record(o)
+    if isinstance(o, torch.Tensor) and o.ndim == 3 and o.shape[0] in (1, 3, 4):  # CHW, floats in 0-1 or bytes
+        o = (o.float()*255 if o.is_floating_point() else o.float()).clamp(0, 255).byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
+    if isinstance(o, np.ndarray):
+        if o.ndim not in (2, 3): raise ValueError(f"an image array must be (H, W) or (H, W, C), got shape {o.shape}")
+        o = Image.fromarray(o if o.dtype == np.uint8 else np.clip(o*255 if o.dtype.kind == 'f' else o, 0, 255).astype(np.uint8))
+    if not isinstance(o, Image.Image):
+        raise TypeError(f"cannot load a {type(o).__name__} as an image: give a path, a Record, a PIL image, an array or a tensor")
+    img = PILImage(to_rgb(ImageOps.exif_transpose(o)))  # a copy, loaded, shown as its file would be
+    img.orig_size = img.size
+    return img
+
 class DetectionDataLoaders(DataLoaders):
-    "fastai `DataLoaders` whose `test_dl` also takes image paths, as records without annotations."
+    "fastai `DataLoaders` whose `test_dl` also takes image paths and images in memory (see `inference_item`)."
     def test_dl(self, test_items, **kwargs):
-        return super().test_dl([o if isinstance(o, Record) else image_record(o) for o in test_items], **kwargs)
+        return super().test_dl([inference_item(o) for o in test_items], **kwargs)
 
 def dataloaders(
     records:list, # `Record`s from a parser

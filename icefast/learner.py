@@ -200,6 +200,11 @@ class DetectionMixedPrecision(MixedPrecision):
         else: self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
         self.learn.scaler, self.scales = torch.amp.GradScaler('cpu', enabled=False), []
 
+def _as_record(item):
+    "The record of a `test_dl` item; an image in memory gets one without annotations, for its size."
+    from icefast.core import Record
+    return item if isinstance(item, Record) else Record(Path('<image in memory>'), None, *item.size)
+
 class DetectionLearner(Learner):
     "A fastai `Learner` whose `get_preds`, `predict` and `show_results` speak detections in the original images' pixels."
     def __setstate__(self, state):
@@ -260,16 +265,16 @@ class DetectionLearner(Learner):
     def get_preds(self, ds_idx:int=1, dl=None, **kwargs):
         "Detections of a dataset (default: validation) in original pixels, and the records' ground truth likewise."
         dl = (dl or self.dls[ds_idx]).new(shuffle=False, drop_last=False)
-        records = list(dl.items)
+        records = [_as_record(o) for o in dl.items]
         targs = [{'boxes': torch.from_numpy(r.boxes), 'labels': torch.from_numpy(r.labels)} for r in records]
         return self._detect(dl, records), targs
 
     def predict(self, item, threshold:float=0.0) -> dict:
-        "Detections in one image (a path or a `Record`): xyxy boxes in its own pixels, class `names`, `scores`, `masks`."
-        from icefast.core import Record, image_record
-        if not isinstance(item, Record): item = image_record(item)
+        "Detections in one image (a path, a `Record`, a PIL image, an array): xyxy boxes in its own pixels, class `names`, `scores`, `masks`."
+        from icefast.data import inference_item
+        item = inference_item(item)
         dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
-        d = self._detect(dl, [item])[0]
+        d = self._detect(dl, [_as_record(item)])[0]
         keep = d['scores'] >= threshold
         d = {k: v[keep] for k, v in d.items()}
         d['names'] = [self.detection.class_map.get_name(int(l)) for l in d['labels']]
@@ -359,6 +364,22 @@ def _check_letterbox(dls):
                          "pixels: let `size=` of icefast.data.dataloaders do the resizing")
     return next(t for t in tfms if isinstance(t, Letterbox))
 
+def _model_num_classes(model):
+    "Classes the model predicts, background included (None for a head icefast does not know)."
+    if hasattr(model, 'roi_heads'): return getattr(getattr(model.roi_heads.box_predictor, 'cls_score', None), 'out_features', None)
+    cfg = getattr(model, 'config', None)
+    return None if getattr(cfg, 'num_classes', None) is None else cfg.num_classes + 1
+
+def _check_classes_and_masks(dls, model, class_map):
+    "Refuse, before any training step, a model built for another number of classes, or Mask R-CNN on data without masks."
+    n = _model_num_classes(model)
+    if n is not None and n != len(class_map):
+        raise ValueError(f"the model predicts {n} classes (background included) but dls.class_map has {len(class_map)}: "
+                         f"build it with num_classes=len(dls.class_map) = {len(class_map)}")
+    if _is_mask_model(model) and len(getattr(dls.train_ds, 'tls', ())) < 4:
+        raise ValueError("Mask R-CNN needs masks, and these DataLoaders have none: parse with masks=True "
+                         "(and make the DataLoaders with masks), or use faster_rcnn")
+
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
     model, # A model from `faster_rcnn.model`, `mask_rcnn.model` or `efficientdet.model`
@@ -381,8 +402,9 @@ def detection_learner(
     if cpu_light:
         light_rcnn_sampling(model)
         print("icefast: training on CPU with lighter R-CNN sampling (300 proposals, 64 RoIs per image; torchvision: 2000, 512)")
-    if metrics is None: metrics = detection_metrics(model) + loss_parts(model)
     class_map = getattr(dls, 'class_map', None)
     if class_map is None: raise ValueError("dls has no class_map: make them with icefast.data.dataloaders (or set dls.class_map)")
+    _check_classes_and_masks(dls, model, class_map)
+    if metrics is None: metrics = detection_metrics(model) + loss_parts(model)
     return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
                             cbs=[DetectionAdapter(class_map, masks=_is_mask_model(model)), *(cbs or [])], **kwargs)

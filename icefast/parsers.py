@@ -326,7 +326,12 @@ class VOCParser(Parser):
         return self.images_dir/(xml.stem+'.jpg')
 
     def annotations(self):
-        for xml in sorted(self.annotations_dir.glob('*.xml')):
+        xmls = sorted(self.annotations_dir.glob('*.xml'))
+        if not xmls:
+            swapped = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in self.annotations_dir.iterdir())
+            raise FileNotFoundError(f"{self.annotations_dir}: no .xml annotation files" + (
+                " but images: VOCParser takes the annotations folder first, then the images folder" if swapped else ""))
+        for xml in xmls:
             root = _parse_xml(xml)
             size = root.find('size')
             size = None if size is None else (_text(size, 'width', xml, '<size>', True), _text(size, 'height', xml, '<size>', True))

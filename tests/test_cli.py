@@ -331,6 +331,7 @@ def test_bad_train_arguments(shapes, tmp_path, capsys, argv, words):
     args = ['train', '--data', shapes, '--format', 'coco', '--out', tmp_path/'o', '--size', '64', *FAST]
     code, _, err = run(capsys, *args, *argv)
     assert_one_line_error(code, err, *words)
+    assert not (tmp_path/'o').exists()  # refused before the data are read, nothing written
 
 
 @pytest.mark.parametrize('fmt, name', [('coco', 'annotations.json'), ('via', 'via.json'), ('csv', 'boxes.csv')])

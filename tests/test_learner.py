@@ -363,3 +363,27 @@ def test_two_gpus_with_fastais_distributed_launcher(tmp_path):
 def test_efficientdet_built_for_another_size_is_refused_early(shapes):
     with pytest.raises(ValueError, match=r"built for \(256, 256\) images but the DataLoaders make \(128, 128\)"):
         detection_learner(_small_dls(shapes), efficientdet.model(backbone='mobilenetv3_small_100', num_classes=4, img_size=256))
+
+def test_model_for_other_classes_or_without_masks_is_refused_early(shapes):
+    "A wrong num_classes or a Mask R-CNN on box-only data: one clear error at the Learner, not an IndexError inside torch."
+    from icefast.models import mask_rcnn
+    dls = _small_dls(shapes)
+    with pytest.raises(ValueError, match=r"predicts 3 classes \(background included\) but dls.class_map has 4: .*num_classes=len\(dls.class_map\) = 4"):
+        detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=3))
+    with pytest.raises(ValueError, match=r"predicts 6 classes"):
+        detection_learner(dls, efficientdet.model(backbone='mobilenetv3_small_100', num_classes=6, img_size=128))
+    with pytest.raises(ValueError, match='Mask R-CNN needs masks, and these DataLoaders have none'):
+        detection_learner(dls, mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=4))
+
+def test_predict_on_images_in_memory(shapes):
+    "PIL images, HWC arrays and CHW tensors predict as their file does, through `predict`, `test_dl` and `get_preds`."
+    from PIL import Image
+    from fastai.vision.core import PILImage, image2tensor
+    learn = detection_learner(_small_dls(shapes), faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=4))
+    f = shapes[0][0].filepath
+    ref = learn.predict(f)
+    for item in (PILImage.create(f), Image.open(f), np.asarray(Image.open(f)), image2tensor(Image.open(f)), image2tensor(Image.open(f)).float()/255):
+        assert torch.allclose(learn.predict(item)['boxes'], ref['boxes'], atol=1e-3), type(item)
+    preds, targs = learn.get_preds(dl=learn.dls.test_dl([f, PILImage.create(f)]))
+    assert torch.allclose(preds[1]['boxes'], preds[0]['boxes'], atol=1e-3) and len(targs[1]['boxes']) == 0
+    with pytest.raises(TypeError, match='cannot load a dict as an image'): learn.predict({'image': f})

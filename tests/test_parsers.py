@@ -539,6 +539,13 @@ def test_voc_missing_annotations_dir(tmp_path):
         VOCParser(tmp_path / 'nope', tmp_path)
 
 
+def test_voc_folders_swapped_or_empty(samples):
+    "The images folder given as the annotations folder (a common slip) is named, not parsed as zero images."
+    voc = samples / 'voc'
+    with pytest.raises(FileNotFoundError, match='JPEGImages: no .xml annotation files but images: VOCParser takes the annotations folder first'):
+        VOCParser(voc / 'JPEGImages', voc / 'Annotations').parse()
+
+
 # --- VIA specifics
 
 def test_via_malformed_json(tmp_path):
