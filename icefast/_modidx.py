@@ -54,6 +54,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'icefast.cli._lr_find_fig': ('cli.html#_lr_find_fig', 'icefast/cli.py'),
                              'icefast.cli._number': ('cli.html#_number', 'icefast/cli.py'),
                              'icefast.cli._one_line_warning': ('cli.html#_one_line_warning', 'icefast/cli.py'),
+                             'icefast.cli._plain_progress': ('cli.html#_plain_progress', 'icefast/cli.py'),
                              'icefast.cli._run_log_callback': ('cli.html#_run_log_callback', 'icefast/cli.py'),
                              'icefast.cli._save_fig': ('cli.html#_save_fig', 'icefast/cli.py'),
                              'icefast.cli._split_ids': ('cli.html#_split_ids', 'icefast/cli.py'),

@@ -255,6 +255,22 @@ def _run_log_callback():
             (self.folder/'metrics.json').write_text(json.dumps(self.rows, indent=1))
     return RunLog
 
+@contextmanager
+def _plain_progress(learn, log, bars:bool=False):
+    "Unless `bars`: no progress bars (their redraws fill log files), one plain line per epoch under one header."
+    if bars: yield; return
+    shown = []
+    def logger(values):
+        names = learn.recorder.metric_names
+        widths = [max(len(n), 8) for n in names]
+        if not shown: log('  '.join(f"{n:>{w}}" for n, w in zip(names, widths))); shown.append(True)
+        log('  '.join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}" for v, w in zip(values, widths)))
+    old = learn.logger
+    with learn.no_bar():
+        learn.logger = logger
+        try: yield
+        finally: learn.logger = old
+
 def plot_curves(rows:list, batch_losses:list, fname):
     "Loss (training per batch, validation per epoch) and the COCO mAPs per epoch, side by side, saved as `fname`."
     import matplotlib.pyplot as plt
@@ -334,13 +350,15 @@ def train(args, log=print) -> dict:
         warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
         learn = detection_learner(dls, model, path=out, model_dir='models')
         if lr == 'auto':  # before the run's callbacks, which would take lr_find's steps for epochs
-            with _as_cli_error('lr_find'): sug = learn.lr_find(show_plot=False)
+            with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
+                sug = learn.lr_find(show_plot=False)
             lr = float(sug.valley)
             _save_fig(_lr_find_fig(learn), out/'lr_find.png')  # fastai's plot_lr_find returns no figure
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
         learn.add_cbs([run_log, saver])
         try:
-            learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
+            with _plain_progress(learn, log, bars=sys.stdout.isatty()):
+                learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
         except NonFiniteLoss as e: raise TrainingError(str(e)) from e
         except OSError as e: raise CLIError(str(e)) from e
     learn.remove_cbs([run_log, saver])

@@ -161,6 +161,7 @@ def test_train_via_with_lr_find(samples, tmp_path, capsys):
     assert rep['n_images'] == 2 and rep['n_boxes'] > 0
     assert (out/'lr_find.png').is_file() and 'lr_find suggests' in stdout
     assert 0 < json.loads((out/'run.json').read_text())['lr'] < 10
+    assert '█' not in stdout + err and sum(l.split()[:1] == ['epoch'] for l in stdout.splitlines()) == 1  # lr_find: no lines
 
 
 def test_train_coco_samples_and_predict_against_them(samples, tmp_path, capsys):
@@ -280,6 +281,10 @@ def test_demo_code_path_quick(tmp_path, capsys):
     s = json.loads((tmp_path/'demo'/'run.json').read_text())
     assert s['command'] == 'demo' and s['format'] == 'coco' and 'mAP50' in s['best']
     assert 'icefast demo: mAP50' in stdout
+    lines = (stdout + err).splitlines()  # not a terminal: no progress bars, a header and one plain line per epoch
+    assert not any('█' in l or '\r' in l for l in lines)
+    header = next(i for i, l in enumerate(lines) if l.split()[:3] == ['epoch', 'train_loss', 'valid_loss'])
+    assert lines[header + 1].split()[0] == '0' and len(lines[header + 1].split()) == len(lines[header].split())
 
 
 # -- help and bad input --------------------------------------------------------------------------------------------
