@@ -52,6 +52,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'icefast.cli._listed': ('cli.html#_listed', 'icefast/cli.py'),
                              'icefast.cli._lr': ('cli.html#_lr', 'icefast/cli.py'),
                              'icefast.cli._lr_find_fig': ('cli.html#_lr_find_fig', 'icefast/cli.py'),
+                             'icefast.cli._note_training_images': ('cli.html#_note_training_images', 'icefast/cli.py'),
                              'icefast.cli._number': ('cli.html#_number', 'icefast/cli.py'),
                              'icefast.cli._one_line_warning': ('cli.html#_one_line_warning', 'icefast/cli.py'),
                              'icefast.cli._plain_progress': ('cli.html#_plain_progress', 'icefast/cli.py'),

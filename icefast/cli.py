@@ -337,6 +337,7 @@ def train(args, log=print) -> dict:
     with _as_cli_error('data', (ValueError,)):
         dls = dataloaders(records, cm, size=args.size, bs=args.bs, splitter=splitter, device=device, **kw)
     n_train, n_valid = len(dls.train_ds), len(dls.valid_ds)
+    (out/'valid.txt').write_text(''.join(f"{r.image_id}\n" for r in dls.valid_ds.items))
     if n_valid == 0: raise CLIError(f"the validation set is empty ({len(records)} images): raise --valid-pct or pass --split")
     if n_train == 0: raise CLIError(f"the training set is empty ({len(records)} images): lower --valid-pct or check --split")
     if n_train < args.bs:
@@ -366,12 +367,12 @@ def train(args, log=print) -> dict:
     plot_curves(run_log.rows, run_log.batches, out/'curves.png')
     _save_fig(learn.show_results(max_n=args.show, threshold=args.threshold), out/'results.png')
     best = max(run_log.rows, key=lambda r: r.get('mAP') or 0.)
-    summary = dict(command='train', data=str(args.data), format=args.format, arch=args.arch,
+    summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format, arch=args.arch,
                    backbone=args.backbone or DEFAULT_BACKBONES[args.arch], pretrained=str(args.pretrained), size=args.size,
                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
                    n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], seconds=round(time.time() - t0, 1),
                    files=['metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
-                          'data_report.json', 'data_report.txt'])
+                          'data_report.json', 'data_report.txt', 'valid.txt'])
     (out/'run.json').write_text(json.dumps(summary, indent=1))
     log(f"icefast: best mAP {best.get('mAP', 0):.3f} (mAP50 {best.get('mAP50', 0):.3f}) at epoch {best['epoch']}; "
         f"{summary['seconds']:.0f} s; written to {out}")
@@ -519,6 +520,16 @@ def metrics_table(metrics:dict, per_class:dict, counts:dict=None) -> str:
                          + ('' if counts is None else f"{counts[n]:11d}"))
     return '\n'.join(lines)
 
+def _note_training_images(args, records, log):
+    "Say so when `icefast eval` scores the run's validation images and more: most likely its training images too."
+    valid = run_file(args.run).parent/'valid.txt'
+    if not valid.is_file(): return
+    ids = _split_ids(valid)
+    n_valid = sum(_listed(r, ids) for r in records)
+    if n_valid == len(ids) and len(records) > n_valid:
+        log(f"icefast eval: the data hold the run's {n_valid} validation images and {len(records) - n_valid} more, probably "
+            f"its training images; --split {valid} scores the validation images only")
+
 def evaluate(args, log=print) -> dict:
     "Run `icefast eval` with parsed `args`: COCO metrics of the run's model on `--data`, overall and per class."
     from icefast.metrics import COCOEvaluator, detections_to_coco
@@ -530,6 +541,7 @@ def evaluate(args, log=print) -> dict:
         ids = _split_ids(args.split)
         records = [r for r in records if _listed(r, ids)]
         if not records: raise CLIError(f"--split {args.split}: none of its {len(ids)} names is an image of the data")
+    else: _note_training_images(args, records, log)
     results = []
     for rec, det in zip(records, detect(learn, records, args.bs)):
         results += detections_to_coco(rec.image_id, {k: v.numpy() for k, v in det.items()}, cm)
@@ -611,7 +623,7 @@ def build_argparser() -> argparse.ArgumentParser:
                        description=_wrap("Train a detector and write to --out: metrics.csv and metrics.json (one row per epoch), "
                                          "models/best.pth (best mAP), model.pkl (the exported learner for predict and eval), "
                                          "curves.png (loss and mAP), results.png (ground truth against predictions on validation "
-                                         "images), data_report.json/.txt (what the parser fixed) and run.json."))
+                                         "images), data_report.json/.txt (what the parser fixed), valid.txt (the validation images) and run.json."))
     _common(t)
     t.add_argument('--arch', default='faster_rcnn', choices=list(DEFAULT_BACKBONES), help='architecture (default: faster_rcnn)')
     t.add_argument('--backbone', default=None, metavar='NAME',

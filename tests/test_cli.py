@@ -31,7 +31,7 @@ def assert_one_line_error(code, err, *words):
 
 def assert_run_folder(out, epochs):
     for f in ('metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
-              'data_report.json', 'data_report.txt', 'run.json'):
+              'data_report.json', 'data_report.txt', 'run.json', 'valid.txt'):
         assert (out/f).is_file() and (out/f).stat().st_size > 0, f
     with open(out/'metrics.csv') as f: rows = list(csv.DictReader(f))
     assert [int(r['epoch']) for r in rows] == list(range(epochs))
@@ -106,7 +106,10 @@ def test_eval_prints_the_metrics_table_per_class(coco_run, shapes, capsys):
     for word in ('mAP50', 'mAR100', 'class', 'circle', 'square', 'triangle'): assert word in stdout
     res = json.loads((out/'eval.json').read_text())
     assert set(res['metrics']) == {'mAP', 'mAP50', 'mAP75', 'mAR100'} and set(res['per_class']['bbox']) == set(SHAPES)
-    assert res['n_images'] == 16
+    assert res['n_images'] == 16 and 'its training images; --split' in stdout  # the run's 4 validation images and 12 more
+    assert len((coco_run/'valid.txt').read_text().split()) == 4
+    code, stdout, err = run(capsys, 'eval', coco_run, '--data', shapes, '--format', 'coco', '--split', coco_run/'valid.txt')
+    assert code == 0 and 'on 4 images' in stdout and 'training images' not in stdout, err
 
 
 def test_mask_rcnn_on_coco_masks_as_rle(shapes, tmp_path, capsys):
