@@ -140,6 +140,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'icefast.data.DecodeMasks.encodes': ('data.html#decodemasks.encodes', 'icefast/data.py'),
                               'icefast.data.DetectionDataLoaders': ('data.html#detectiondataloaders', 'icefast/data.py'),
                               'icefast.data.DetectionDataLoaders.test_dl': ('data.html#detectiondataloaders.test_dl', 'icefast/data.py'),
+                              'icefast.data.DetectionDataLoaders.vocab': ('data.html#detectiondataloaders.vocab', 'icefast/data.py'),
                               'icefast.data.FileListSplitter': ('data.html#filelistsplitter', 'icefast/data.py'),
                               'icefast.data.FolderSplitter': ('data.html#foldersplitter', 'icefast/data.py'),
                               'icefast.data.IdSplitter': ('data.html#idsplitter', 'icefast/data.py'),

@@ -347,9 +347,11 @@ def inference_item(o):
     return img
 
 class DetectionDataLoaders(DataLoaders):
-    "fastai `DataLoaders` whose `test_dl` also takes image paths and images in memory (see `inference_item`)."
+    "fastai `DataLoaders` whose `test_dl` also takes image paths and images in memory (see `inference_item`); `vocab` as in fastai."
     def test_dl(self, test_items, **kwargs):
         return super().test_dl([inference_item(o) for o in test_items], **kwargs)
+    @property
+    def vocab(self) -> list: return list(self.class_map.vocab)  # the class names by id, 'background' first
 
 def dataloaders(
     records:list, # `Record`s from a parser

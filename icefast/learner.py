@@ -262,8 +262,15 @@ class DetectionLearner(Learner):
                     res.append(to_original(d, records[i], tuple(images.shape[-2:]))); i += 1
         return res
 
-    def get_preds(self, ds_idx:int=1, dl=None, **kwargs):
+    def get_preds(self, ds_idx:int=1, dl=None, with_input:bool=False, with_decoded:bool=False, with_loss:bool=False,
+                  reorder:bool=True, act=None, **kwargs):
         "Detections of a dataset (default: validation) in original pixels, and the records' ground truth likewise."
+        asked = [k for k, v in dict(with_input=with_input, with_decoded=with_decoded, with_loss=with_loss).items() if v]
+        if asked or kwargs:
+            raise TypeError(f"get_preds({', '.join([f'{k}=True' for k in asked] + list(kwargs))}) is not available for detectors: "
+                            "it returns (detections, targets), one dict per image, in the order of the items. Losses per image: "
+                            "DetectionInterpretation.from_learner(learn).top_losses(); detections above a score: "
+                            "learn.predict(item, threshold)")
         dl = (dl or self.dls[ds_idx]).new(shuffle=False, drop_last=False)
         records = [_as_record(o) for o in dl.items]
         targs = [{'boxes': torch.from_numpy(r.boxes), 'labels': torch.from_numpy(r.labels)} for r in records]
@@ -398,13 +405,13 @@ def detection_learner(
     size = tuple(getattr(getattr(model, 'config', None), 'image_size', hw))
     if size != tuple(hw):
         raise ValueError(f"the model was built for {size} images but the DataLoaders make {tuple(hw)}: build it with img_size={tuple(hw)}")
+    class_map = getattr(dls, 'class_map', None)
+    if class_map is None: raise ValueError("dls has no class_map: make them with icefast.data.dataloaders (or set dls.class_map)")
+    _check_classes_and_masks(dls, model, class_map)
     if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and hasattr(model, 'rpn')
     if cpu_light:
         light_rcnn_sampling(model)
         print("icefast: training on CPU with lighter R-CNN sampling (300 proposals, 64 RoIs per image; torchvision: 2000, 512)")
-    class_map = getattr(dls, 'class_map', None)
-    if class_map is None: raise ValueError("dls has no class_map: make them with icefast.data.dataloaders (or set dls.class_map)")
-    _check_classes_and_masks(dls, model, class_map)
     if metrics is None: metrics = detection_metrics(model) + loss_parts(model)
     return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
                             cbs=[DetectionAdapter(class_map, masks=_is_mask_model(model)), *(cbs or [])], **kwargs)

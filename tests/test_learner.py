@@ -387,3 +387,11 @@ def test_predict_on_images_in_memory(shapes):
     preds, targs = learn.get_preds(dl=learn.dls.test_dl([f, PILImage.create(f)]))
     assert torch.allclose(preds[1]['boxes'], preds[0]['boxes'], atol=1e-3) and len(targs[1]['boxes']) == 0
     with pytest.raises(TypeError, match='cannot load a dict as an image'): learn.predict({'image': f})
+
+
+def test_get_preds_options_it_cannot_honour_are_refused(shapes):
+    learn = detection_learner(_small_dls(shapes), faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=4))
+    assert learn.dls.vocab == ['background', *learn.dls.class_map.classes]
+    for kw in (dict(with_loss=True), dict(with_decoded=True), dict(save_preds='p')):
+        with pytest.raises(TypeError, match=f"get_preds\\({next(iter(kw))}.*not available for detectors.*top_losses"):
+            learn.get_preds(**kw)
