@@ -57,6 +57,7 @@ def main():
     ap.add_argument('--sgd-lr', type=float, default=None, help='default 0.02 * bs / 16 (the references\' linear rule)')
     ap.add_argument('--only', nargs='*', default=None, help='config names to run (substring match); "sgd" for the loop')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--workers', type=int, default=None, help="DataLoader workers (default: icefast's, 0 on the CPU)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count()))
     tmp = tempfile.mkdtemp()
@@ -69,7 +70,7 @@ def main():
     if a.only: runs = [(n, c) for n, c in runs if any(o in n for o in a.only)]
     for name, cfg in runs:
         set_seed(a.seed, reproducible=True)
-        dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, batch_tfms=[])
+        dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, batch_tfms=[], **({} if a.workers is None else {'num_workers': a.workers}))
         set_seed(a.seed, reproducible=True)
         learn = detection_learner(dls, build(a.arch, len(p.class_map), a.size))
         t = time.perf_counter()

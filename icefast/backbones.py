@@ -14,8 +14,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['logger', 'resnet_fpn', 'resnet', 'mobilenet', 'vgg', 'WeightsUnavailable', 'load_state_dict', 'download_weights',
-           'LoadReport', 'load_weights', 'save_model', 'load_model', 'BackboneSpec', 'register_backbone',
-           'build_backbone', 'list_backbones', 'BackboneFamily']
+           'LoadReport', 'load_weights', 'save_model', 'load_model', 'convert_efficientnet_checkpoint', 'BackboneSpec',
+           'register_backbone', 'build_backbone', 'list_backbones', 'BackboneFamily']
 
 # %% ../nbs/03_backbones.ipynb #6d9743f7
 logger = logging.getLogger('icefast.backbones')
@@ -119,8 +119,45 @@ def load_model(path) -> nn.Module:
     try: model.load_state_dict(ckpt['state_dict'])
     except RuntimeError as e: raise ValueError(f"{path}: the weights do not fit the {cfg['arch']} they say they are for: {e}") from None
     for n, p in model.named_parameters(): p.requires_grad_(n not in cfg.get('frozen', ()))
-    model.icefast_pretrained = True  # trained weights: `fine_tune` starts with a frozen epoch, as for any pretrained model
+    model.icefast_pretrained = True  # trained weights: `fine_tune` uses the model's defaults for pretrained weights
     return model
+
+# %% ../nbs/03_backbones.ipynb #101656bc
+_EFFNET_TOP = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
+_EFFNET_DS = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_se_reduce': 'se.conv_reduce', '_se_expand': 'se.conv_expand',
+              '_project_conv': 'conv_pw', '_bn2': 'bn2'}  # the first stage's blocks have no expansion
+_EFFNET_IR = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw', '_bn1': 'bn2',
+              '_se_reduce': 'se.conv_reduce', '_se_expand': 'se.conv_expand', '_project_conv': 'conv_pwl', '_bn2': 'bn3'}
+
+def convert_efficientnet_checkpoint(
+    src, # An `efficientnet_pytorch`-layout state dict, or the path of one (e.g. `efficientnet-lite0-57934424.pth`)
+    arch:str='tf_efficientnet_lite0', # The timm model it is for (`tf_` models use TensorFlow's 'same' padding, as the weights were trained)
+    dst=None, # Where to save the converted state dict (for `efficientdet.model(pretrained_backbone=dst)`)
+) -> dict:
+    "Rename an `efficientnet_pytorch`-layout EfficientNet checkpoint to timm's `arch` keys; strict, every tensor must fit."
+    import re, timm
+    state = load_state_dict(src) if isinstance(src, (str, Path)) else src
+    with torch.device('meta'): net = timm.create_model(arch, pretrained=False)
+    where = [(i, j) for i, stage in enumerate(net.blocks) for j in range(len(stage))]  # flat block index -> (stage, block)
+    expands = {int(m[1]) for k in state if (m := re.match(r'_blocks\.(\d+)\._expand_conv\.', k))}
+    out = {}
+    for k, v in state.items():
+        m = re.match(r'_blocks\.(\d+)\.(\w+)\.(\w+)$', k)
+        if m:
+            b = int(m[1])
+            if b >= len(where): raise ValueError(f"{src}: block {b} of the checkpoint, but timm's {arch} has {len(where)} blocks: wrong arch=?")
+            names = _EFFNET_IR if b in expands else _EFFNET_DS
+            if m[2] not in names: raise ValueError(f"{src}: unknown layer {k!r} for an EfficientNet block")
+            i, j = where[b]; out[f"blocks.{i}.{j}.{names[m[2]]}.{m[3]}"] = v
+        else:
+            top, _, rest = k.partition('.')
+            if top not in _EFFNET_TOP: raise ValueError(f"{src}: {k!r} is not an efficientnet_pytorch key (expected _conv_stem, _blocks.N, ...)")
+            out[f"{_EFFNET_TOP[top]}.{rest}"] = v
+    own = net.state_dict()
+    bad = sorted(set(own) ^ set(out)) + [k for k in own if k in out and own[k].shape != out[k].shape]
+    if bad: raise ValueError(f"{src}: does not fit timm's {arch} ({len(bad)} tensors differ, e.g. {bad[:3]}): wrong arch=?")
+    if dst is not None: torch.save(out, dst)
+    return out
 
 # %% ../nbs/03_backbones.ipynb #602c2539
 def _tv_weights(arch):

@@ -643,7 +643,7 @@ def build_argparser() -> argparse.ArgumentParser:
                    help='VALID.txt, or TRAIN.txt VALID.txt: image ids or file names, one per line (e.g. VOC ImageSets/Main)')
     t.add_argument('--out', required=True, metavar='RUN_DIR', help='folder for the outputs')
     t.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
-    t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: fastai's)")
+    t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: 0 on the CPU, where the training step uses every core; fastai's on a GPU)")
     t.add_argument('--seed', type=int, default=42, help='random seed of the split and the training (default: 42)')
     t.add_argument('--threshold', type=float, default=0.5, help='score threshold of results.png (default: 0.5)')
     t.add_argument('--show', type=int, default=4, metavar='N', help='validation images in results.png (default: 4)')

@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #e3ac16e2
 from __future__ import annotations
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import RandomSplitter, FuncSplitter, IntToFloatTensor
-from fastai.torch_core import TensorBase, TensorMultiCategory
+from fastai.torch_core import TensorBase, TensorMultiCategory, TensorImage
 from fastai.vision.core import PILImage, TensorMask, TensorBBox, TensorPoint, PointScaler, BBoxLabeler, LabeledBBox
 from fastai.vision.augment import RandTransform, RandomResizedCropGPU, FlipItem, aug_transforms, affine_grid
 from fasttransform import Transform, ItemTransform
@@ -23,8 +24,9 @@ from .core import ClassMap, Record, open_image, image_record, to_rgb
 __all__ = ['TensorInstanceMasks', 'LazyMasks', 'record_boxes', 'record_pixel_boxes', 'record_labels', 'record_masks',
            'record_path', 'LoadImage', 'letterbox_scale', 'BoxScaler', 'Letterbox', 'DecodeMasks', 'InstanceLabeler',
            'pad_instances', 'targets_from_batch', 'split_batch', 'RecordImageBlock', 'RecordBBoxBlock', 'LabelBlock',
-           'InstanceMaskBlock', 'detection_aug_transforms', 'IdSplitter', 'FileListSplitter', 'RecordsSplitter',
-           'FolderSplitter', 'detection_datablock', 'inference_item', 'DetectionDataLoaders', 'dataloaders']
+           'InstanceMaskBlock', 'DetectionLighting', 'detection_aug_transforms', 'IdSplitter', 'FileListSplitter',
+           'RecordsSplitter', 'FolderSplitter', 'detection_datablock', 'inference_item', 'DetectionDataLoaders',
+           'dataloaders']
 
 # %% ../nbs/02_data.ipynb #eca008b0
 class TensorInstanceMasks(TensorMask):
@@ -280,6 +282,28 @@ _add_encodes(RandomResizedCropGPU, _rrc_boxes)
 _add_encodes(RandomResizedCropGPU, _rrc_pts)
 
 # %% ../nbs/02_data.ipynb #9ba96c1e
+class DetectionLighting(RandTransform):
+    "fastai's `Brightness` and `Contrast` in one pass on plain tensors (logit space, per image, in place): 5-10x cheaper on CPU."
+    order, split_idx = 40, 0  # after `IntToFloatTensor`, training only, as fastai's lighting
+    def __init__(self,
+        max_lighting:float=0.2, # Largest change of brightness and contrast, as fastai's `max_lighting`
+        p:float=0.75, # Probability of each change per image, as fastai's `p_lighting`
+    ):
+        super().__init__(p=1.)
+        self.max_lighting, self.p_each = max_lighting, p
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        x = b[0] if isinstance(b, tuple) else b
+        n, m = x.shape[0], self.max_lighting
+        on = lambda: torch.rand(n) < self.p_each
+        bright = torch.where(on(), torch.empty(n).uniform_(0.5*(1-m), 0.5*(1+m)), torch.full((n,), 0.5))
+        contrast = torch.where(on(), torch.empty(n).uniform_(np.log(1-m), -np.log(1-m)).exp(), torch.ones(n))
+        self.shift, self.mult = torch.logit(bright).view(n, 1, 1, 1), contrast.view(n, 1, 1, 1)
+    def encodes(self, x:TensorImage):
+        t = x.as_subclass(torch.Tensor)  # fastai's tensor subclasses cost more than the arithmetic here
+        y = torch.logit(t, eps=1e-7).add_(self.shift.to(t)).mul_(self.mult.to(t)).sigmoid_()
+        return TensorImage(y)
+
 def detection_aug_transforms(
     size=None, # Output size of the batch transforms (None keeps the item size)
     flip:bool=False, # Flip as a batch affine transform (on CPU the item-level `FlipItem` is much cheaper)
@@ -290,8 +314,10 @@ def detection_aug_transforms(
     **kwargs, # Passed to fastai's `aug_transforms`
 ) -> list:
     "fastai's `aug_transforms` with detection defaults: zero padding, no warp, no rotation; by default only lighting, cheap on CPU."
-    return aug_transforms(size=size, do_flip=flip, max_zoom=max_zoom, max_rotate=max_rotate, max_lighting=max_lighting,
+    p_lighting = kwargs.pop('p_lighting', 0.75)
+    tfms = aug_transforms(size=size, do_flip=flip, max_zoom=max_zoom, max_rotate=max_rotate, max_lighting=0.,
                           max_warp=kwargs.pop('max_warp', 0.), min_scale=min_scale, pad_mode=kwargs.pop('pad_mode', 'zeros'), **kwargs)
+    return tfms + ([DetectionLighting(max_lighting, p_lighting)] if max_lighting else [])
 
 # %% ../nbs/02_data.ipynb #e5b6bc50
 def IdSplitter(valid_ids):
@@ -362,9 +388,15 @@ def dataloaders(
     item_tfms=None, # Item transforms after `Letterbox`; default a random horizontal flip
     batch_tfms=None, # Batch transforms; default `detection_aug_transforms()` (lighting)
     masks:bool=None, # Instance masks; default: when the records have them
-    **kwargs, # Passed to `DataBlock.dataloaders` (num_workers, device, ...)
+    num_workers:int=None, # Loader processes; default 0 when the DataLoaders are on the CPU (see below), else fastai's
+    **kwargs, # Passed to `DataBlock.dataloaders` (device, ...)
 ) -> DetectionDataLoaders:
     "fastai `DataLoaders` of `(image, boxes, labels[, masks])` batches from records."
+    from fastai.torch_core import default_device
+    if num_workers is None:
+        on_cpu = torch.device(kwargs.get('device') or default_device()).type == 'cpu'
+        if on_cpu: kwargs['num_workers'] = 0
+    else: kwargs['num_workers'] = num_workers
     if not records: raise ValueError("no records to load: the parser found no usable image (see its report)")
     if masks is None: masks = all(r.masks is not None for r in records)
     elif masks and any(r.masks is None for r in records):

@@ -18,10 +18,10 @@ from .data import split_batch, letterbox_scale, Letterbox
 from .metrics import COCOEvaluator, detections_to_coco
 
 # %% auto #0
-__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
-           'BatchTargets', 'DetectionAdapter', 'detection_metrics', 'loss_parts', 'light_rcnn_sampling',
-           'param_groups_of', 'is_pretrained', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections',
-           'plot_pairs', 'DetectionInterpretation', 'detection_learner']
+__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'FINE_TUNE_DEFAULTS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart',
+           'COCOMetric', 'to_original', 'BatchTargets', 'DetectionAdapter', 'detection_metrics', 'loss_parts',
+           'light_rcnn_sampling', 'param_groups_of', 'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision',
+           'DetectionLearner', 'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -183,9 +183,19 @@ def is_pretrained(model) -> bool:
     "Whether `model` was built with pretrained weights (whole detector or backbone); unknown user modules count as pretrained."
     return bool(getattr(model, 'icefast_pretrained', True))
 
-# fine_tune's defaults, chosen by measurement (see the notebook): `base_lr` with fastai's Adam, and for models without
-# pretrained weights no frozen epoch and one learning rate for all layers
-FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH = 2e-3, 2e-3
+# fine_tune's defaults for a detector that declares none (a user's own module), chosen by measurement (see the notebook):
+# fastai's Adam and one-cycle, every layer at one rate from the start, with pretrained weights or without (a detector's
+# backbone must move much more than a classifier's, and a frozen epoch at the heads' rate cost accuracy); from scratch
+# half the rate, which trained the synthetic shapes better and far more steadily than 2e-3
+FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH = 2e-3, 1e-3
+FINE_TUNE_DEFAULTS = {True: dict(base_lr=FINE_TUNE_LR, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0),
+                      False: dict(base_lr=FINE_TUNE_LR_SCRATCH, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0)}
+
+def fine_tune_defaults(model, pretrained:bool=None) -> dict:
+    "`fine_tune`'s defaults for `model`: what it declares (`model.fine_tune_defaults(pretrained)`) over `FINE_TUNE_DEFAULTS`."
+    pretrained = is_pretrained(model) if pretrained is None else pretrained
+    own = getattr(model, 'fine_tune_defaults', None)
+    return {**FINE_TUNE_DEFAULTS[bool(pretrained)], **(own(pretrained) if callable(own) else {})}
 
 class DetectionMixedPrecision(MixedPrecision):
     "fastai's `MixedPrecision` on the device the model trains on: CUDA fp16 (with a grad scaler) or bf16; CPU bf16, or fp32 for fp16."
@@ -214,24 +224,24 @@ class DetectionLearner(Learner):
 
     def fine_tune(self,
         epochs:int, # Epochs with all layers trainable
-        base_lr:float=None, # Default `FINE_TUNE_LR` (`FINE_TUNE_LR_SCRATCH` without pretrained weights)
-        freeze_epochs:int=None, # Epochs training only the heads first; default 1, or 0 without pretrained weights
-        lr_mult:float=None, # Ratio of the heads' to the stem's learning rate; default 100, or 1 without pretrained weights
-        pct_start:float=0.3, div:float=5.0, **kwargs):
-        "fastai's `fine_tune` with detection defaults: a model without pretrained weights trains every layer at one rate from the start."
+        base_lr:float=None, # Peak learning rate of the frozen epochs (halved after them, as fastai does); default: the model's
+        freeze_epochs:int=None, # Epochs training only the heads first; default: the model's (0)
+        lr_mult:float=None, # Ratio of the heads' to the stem's learning rate; default: the model's (1)
+        pct_start:float=None, # Warm-up fraction of the unfrozen one-cycle; default: the model's (0.3)
+        div:float=None, # The unfrozen one-cycle starts at lr/div; default: the model's (5)
+        **kwargs):
+        "fastai's `fine_tune`, with the defaults the model declares for its weights (`fine_tune_defaults`)."
         pretrained = is_pretrained(self.model)
-        if not pretrained and (freeze_epochs is None or lr_mult is None):
-            print("icefast: no pretrained weights in this model, so fine_tune trains all layers from the start at one learning rate "
-                  "(freeze_epochs=0, lr_mult=1)")
-        if base_lr is None: base_lr = FINE_TUNE_LR if pretrained else FINE_TUNE_LR_SCRATCH
-        if freeze_epochs is None: freeze_epochs = 1 if pretrained else 0
-        if lr_mult is None: lr_mult = 100 if pretrained else 1
-        if freeze_epochs:
+        d = fine_tune_defaults(self.model, pretrained)
+        given = dict(base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div)
+        a = {k: d[k] if v is None else v for k, v in given.items()}
+        base_lr = a['base_lr']
+        if a['freeze_epochs']:
             self.freeze()
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs)
+            self.fit_one_cycle(a['freeze_epochs'], slice(base_lr), pct_start=0.99, **kwargs)
             base_lr /= 2
         self.unfreeze()
-        self.fit_one_cycle(epochs, slice(base_lr/lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
+        self.fit_one_cycle(epochs, slice(base_lr/a['lr_mult'], base_lr), pct_start=a['pct_start'], div=a['div'], **kwargs)
 
     def to_fp16(self, **kwargs):
         "Mixed precision: CUDA fp16 autocast with a grad scaler on a GPU; on the CPU a warning and fp32."

@@ -243,7 +243,7 @@ def test_train_yolo_efficientdet(shapes, tmp_path, capsys):
 
 
 def test_pretrained_weights_from_files(shapes, tmp_path, capsys):
-    "--pretrained PATH: a whole detector's state dict or a backbone's; with weights, fine_tune trains a frozen epoch first."
+    "--pretrained PATH: a whole detector's state dict or a backbone's; fine_tune then trains every layer from the start."
     import torch, torchvision
     from icefast.cli import resolve_pretrained
     from icefast.models import faster_rcnn
@@ -256,7 +256,7 @@ def test_pretrained_weights_from_files(shapes, tmp_path, capsys):
     code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--size', '64', '--epochs', '1',
                        '--valid-pct', '0.25', '--out', out, *FAST, '--pretrained', det)
     assert code == 0, err
-    assert_run_folder(out, 2)  # the frozen epoch and the unfrozen one, one row each, across fine_tune's two fits
+    assert_run_folder(out, 1)  # no frozen epoch: fine_tune's default for pretrained detectors too
 
 
 def test_two_split_files_and_yolo_names_from_data_yaml(shapes, tmp_path):

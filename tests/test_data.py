@@ -328,3 +328,42 @@ def test_records_splitter_for_separate_train_and_valid_files(tmp_path):
     dls = dataloaders(train + valid, tp.class_map, size=32, bs=1, splitter=RecordsSplitter(valid), batch_tfms=[])
     assert [r.image_id for r in dls.valid_ds.items] == ['c'] and len(dls.train_ds) == 2
     assert dls.valid.one_batch()[2].tolist() == [[tp.class_map.get_id('dog')]]
+
+
+def test_detection_lighting_is_fastais_lighting_in_one_cheap_pass():
+    "Brightness and contrast in logit space, per image, on training batches only; several times cheaper than fastai's on CPU."
+    import time
+    from fastai.torch_core import TensorImage
+    from fastai.vision.augment import Brightness, Contrast
+    from icefast.data import DetectionLighting
+    x = TensorImage(torch.rand(8, 3, 192, 192))
+    t = DetectionLighting(0.2, p=1.)
+    y = t(x.clone(), split_idx=0)
+    lx = torch.logit(x.as_subclass(torch.Tensor), eps=1e-7)
+    assert isinstance(y, TensorImage)
+    assert torch.allclose(y.as_subclass(torch.Tensor), torch.sigmoid((lx + t.shift) * t.mult), atol=1e-5)
+    assert (t.shift.abs() > 0).all() and (t.shift.abs() <= torch.logit(torch.tensor(0.6)) + 1e-6).all()
+    assert ((t.mult >= 0.8 - 1e-6) & (t.mult <= 1.25 + 1e-6)).all()
+    assert torch.equal(t(x, split_idx=1), x)  # validation untouched
+    assert [type(o).__name__ for o in detection_aug_transforms()] == ['DetectionLighting']
+    assert detection_aug_transforms(max_lighting=0) == []
+    fastai_tfms = [Brightness(0.2, p=1.), Contrast(0.2, p=1.)]
+    def best(f, n=5):
+        times = []
+        for _ in range(n):
+            s = time.perf_counter(); f(); times.append(time.perf_counter() - s)
+        return min(times)
+    def fastai_lighting():
+        z = x.clone()
+        for tf in fastai_tfms: z = tf(z, split_idx=0)
+    ours, theirs = best(lambda: t(x.clone(), split_idx=0)), best(fastai_lighting)
+    assert ours < 0.7 * theirs, (ours, theirs)
+
+
+def test_cpu_dataloaders_load_in_the_training_process(shapes):
+    "On the CPU fastai's per-epoch worker processes cost more than they save: 0 workers unless asked."
+    records, cm = shapes
+    dls = dataloaders(records, cm, size=64, bs=2, device='cpu')
+    assert [dl.fake_l.num_workers for dl in dls.loaders] == [0, 0]
+    dls = dataloaders(records, cm, size=64, bs=2, device='cpu', num_workers=1)
+    assert [dl.fake_l.num_workers for dl in dls.loaders] == [1, 1]

@@ -247,20 +247,47 @@ def _small_dls(shapes, n=12, n_valid=4, **kw):
     records, cm = shapes
     return dataloaders(records[:n], cm, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:n_valid]]), **kw)
 
-def test_fine_tune_defaults_follow_the_weights(shapes, capsys):
-    "Without pretrained weights: no frozen epoch, one rate; with them: fastai's freeze epoch and discriminative rates."
-    from icefast.learner import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH
+def test_fine_tune_defaults_follow_the_weights(shapes):
+    "The defaults (measured in bench/fine_tune_real.py): every layer at one rate from the start, pretrained or not."
+    from icefast.learner import fine_tune_defaults
     dls = _small_dls(shapes)
     learn = detection_learner(dls, faster_rcnn.model(backbone='resnet.resnet18', num_classes=len(shapes[1])))
     calls = []
-    learn.fit_one_cycle = lambda n, lr, **kw: calls.append((n, lr, [len(g['params']) and g['params'][0].requires_grad for g in learn.opt.param_groups] if learn.opt else None))
+    learn.fit_one_cycle = lambda n, lr, **kw: calls.append((n, lr, [len(g['params']) and g['params'][0].requires_grad for g in learn.opt.param_groups] if learn.opt else None, kw))
+    scratch, pre = fine_tune_defaults(learn.model, False), fine_tune_defaults(learn.model, True)
+    assert (scratch['freeze_epochs'], pre['freeze_epochs'], pre['lr_mult'], pre['base_lr'], scratch['base_lr']) == (0, 0, 1, 2e-3, 1e-3)
     learn.fine_tune(3)
-    assert [(n, lr.start, lr.stop) for n, lr, _ in calls] == [(3, FINE_TUNE_LR_SCRATCH, FINE_TUNE_LR_SCRATCH)]
-    assert 'no pretrained weights' in capsys.readouterr().out
+    assert [(n, lr.start, lr.stop) for n, lr, _, _ in calls] == [(3, scratch['base_lr'], scratch['base_lr'])]
+    assert calls[0][3] == dict(pct_start=scratch['pct_start'], div=scratch['div'])
     calls.clear(); learn.model.icefast_pretrained = True
     learn.fine_tune(3)
-    assert [(n, lr.start, lr.stop) for n, lr, _ in calls] == [(1, None, FINE_TUNE_LR), (3, FINE_TUNE_LR/2/100, FINE_TUNE_LR/2)]
+    assert [(n, lr.start, lr.stop) for n, lr, _, _ in calls] == [(3, pre['base_lr'], pre['base_lr'])]
+    assert all(calls[0][2])  # every group trains from the start
+    calls.clear()
+    learn.fine_tune(3, freeze_epochs=1, lr_mult=100)  # fastai's recipe on request: heads first, then discriminative rates
+    lr = pre['base_lr']
+    assert [(n, lr.start, lr.stop) for n, lr, _, _ in calls] == [(1, None, lr), (3, lr/2/100, lr/2)]
     assert calls[0][2][0] is False and calls[0][2][-1] is True and all(calls[1][2])  # heads only, then everything
+    calls.clear()
+    learn.fine_tune(2, 1e-3, freeze_epochs=0, lr_mult=100, pct_start=0.25, div=25.)  # fastai's arguments keep their meaning
+    assert [(n, lr.start, lr.stop, kw) for n, lr, _, kw in calls] == [(2, 1e-5, 1e-3, dict(pct_start=0.25, div=25.))]
+
+def test_fine_tune_defaults_come_from_the_model(shapes):
+    "A detector declares its own fine_tune defaults (`fine_tune_defaults(pretrained)`); the learner knows no architecture."
+    from icefast.learner import fine_tune_defaults, FINE_TUNE_DEFAULTS
+    model = faster_rcnn.model(backbone='resnet.resnet18', num_classes=len(shapes[1]))
+    model.fine_tune_defaults = lambda pretrained: dict(base_lr=5e-4, lr_mult=3, freeze_epochs=1) if pretrained else {}
+    model.icefast_pretrained = True
+    learn = detection_learner(_small_dls(shapes), model)
+    calls = []
+    learn.fit_one_cycle = lambda n, lr, **kw: calls.append((n, lr.start, lr.stop))
+    learn.fine_tune(2)
+    assert calls == [(1, None, 5e-4), (2, 5e-4/2/3, 5e-4/2)]
+    assert fine_tune_defaults(model, False) == FINE_TUNE_DEFAULTS[False]
+    plain = torch.nn.Linear(2, 2)  # a module that declares nothing gets icefast's general defaults (and counts as pretrained)
+    assert fine_tune_defaults(plain) == FINE_TUNE_DEFAULTS[True]
+    eff = efficientdet.model(model_name='tf_efficientdet_lite0', num_classes=3, img_size=128)
+    assert fine_tune_defaults(eff) == {**FINE_TUNE_DEFAULTS[False], **eff.fine_tune_defaults(False)}
 
 def test_stages_the_builder_froze_stay_frozen(shapes):
     model = faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(shapes[1]), trainable_layers=2)

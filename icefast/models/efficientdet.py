@@ -125,6 +125,9 @@ class EfficientDetModel(nn.Module):
         return dets if targets is None else (self.loss_dict(class_out, box_out, targets, x.device), dets)
 
     def param_groups(self) -> list: return param_groups(self)
+    def fine_tune_defaults(self, pretrained:bool) -> dict:
+        "`learn.fine_tune`'s defaults for this detector, measured with ImageNet backbones (`bench/fine_tune_real.py`)."
+        return dict(base_lr=2e-3 if pretrained else 1e-3, freeze_epochs=0, lr_mult=1)  # every layer from the start
 
 # %% ../../nbs/07_models.efficientdet.ipynb #74de708e
 def _timm_backbone_state(backbone:str, timeout:float=20.):

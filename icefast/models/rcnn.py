@@ -80,6 +80,9 @@ class _RCNNMixin:
         if not self.training and targets is not None: return rcnn_losses_and_detections(self, images, targets)
         return super().forward(images, targets)
     def param_groups(self) -> list: return rcnn_param_groups(self)
+    def fine_tune_defaults(self, pretrained:bool) -> dict:
+        "`learn.fine_tune`'s defaults: EfficientDet's measured recipe, which is also torchvision's references' shape (no frozen epoch, one rate)."
+        return dict(base_lr=2e-3 if pretrained else 1e-3, freeze_epochs=0, lr_mult=1)
 
 class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
     "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and `param_groups()`."
