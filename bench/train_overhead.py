@@ -183,8 +183,7 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     from icefast.data import dataloaders, split_batch
-    from icefast.learner import detection_learner, light_rcnn_sampling
-    from icefast.models.rcnn import set_image_size
+    from icefast.learner import detection_learner
 
     modes = ['step', 'loader'] if args.mode == 'both' else [args.mode]
     n_batches = args.warmup + args.steps
@@ -202,8 +201,8 @@ def main(argv=None):
         # the plain loop's model: a second build with the same state dict and the same settings as the Learner's
         base = C.build_model(args, len(cm))
         base.load_state_dict(model.state_dict())
-        if hasattr(base, 'transform'): set_image_size(base, args.size)
-        if dev.type == 'cpu': light_rcnn_sampling(base)
+        if hasattr(base, 'set_image_size'): base.set_image_size(args.size)
+        if dev.type == 'cpu' and hasattr(base, 'cpu_light'): base.cpu_light()
         assert C.model_settings(base) == C.model_settings(model), (C.model_settings(base), C.model_settings(model))
         model.to(dev); base.to(dev)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}

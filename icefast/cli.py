@@ -49,8 +49,9 @@ FORMATS = {
             "images in images/ beside the JSON, else beside it",
     'voc': "a folder with Annotations/ (.xml files) and JPEGImages/ (or annotations/ and images/); "
            "SegmentationObject/ holds the instance masks Mask R-CNN needs",
-    'via': "a VIA JSON export or project file, or a folder holding one; images in images/ beside it, else beside it; "
-           "class names from the region attribute --label-attr (default 'label')",
+    'via': "a VIA JSON export or project file, or a folder of them (a project saved in parts); images in images/ beside "
+           "them, else beside them; class names from the region attribute --label-attr (default 'label'), or --class-name "
+           "NAME for a single-class project whose regions have no attribute",
     'csv': "a CSV file with a header and one row per box (filename,label,xmin,ymin,xmax,ymax or x,y,w,h; "
            "rows with empty box fields are images without boxes), or a folder holding one; images as for coco",
     'yolo': "a folder with images/ and labels/ (one <image stem>.txt per image, 'class cx cy w h' normalized) "
@@ -100,6 +101,7 @@ def make_parser(
     images=None, # Image folder, for the formats with one annotation file
     label_attr:str='label', # VIA: the region attribute with the class name
     class_map=None, # Fixed classes (e.g. a trained model's); other classes are dropped and reported
+    class_name:str=None, # VIA, CSV: the one class of a single-class set whose regions (rows) name none
 ):
     "The icefast parser of `data` in format `fmt`, its files found by the layouts of `FORMATS`."
     from icefast.parsers import COCOParser, VOCParser, VIAParser, CSVParser, YOLOParser
@@ -108,12 +110,15 @@ def make_parser(
     if not data.exists(): raise CLIError(f"--data {data}: no such file or folder")
     if fmt in ('voc', 'yolo') and not data.is_dir(): raise CLIError(f"--data {data}: {fmt} data is a folder ({FORMATS[fmt]})")
     kw = dict(class_map=class_map)
+    if class_name is not None and fmt not in ('via', 'csv'):
+        raise CLIError(f"--class-name is for via and csv data without class labels; {fmt} data name their classes")
+    if class_name is not None: kw['class_name'] = class_name
     if fmt == 'coco':
         ann = _annotation_file(data, ('.json',), ('annotations.json',))
         return COCOParser(ann, _images_of(ann, images), masks=masks, **kw)
-    if fmt == 'via':
-        ann = _annotation_file(data, ('.json',))
-        return VIAParser(ann, _images_of(ann, images), label_attr=label_attr, masks=masks, **kw)
+    if fmt == 'via':  # a folder may hold a project saved in several JSON parts: VIAParser reads them all
+        ann = data if data.is_dir() else _annotation_file(data, ('.json',))
+        return VIAParser(ann, _images_of(ann if data.is_file() else data/'x.json', images), label_attr=label_attr, masks=masks, **kw)
     if fmt == 'csv':
         if masks: raise CLIError("csv data has boxes only; Mask R-CNN needs masks (coco, voc with SegmentationObject/, via, yolo polygons)")
         ann = _annotation_file(data, ('.csv',))
@@ -171,6 +176,23 @@ def split_records(records:list, valid_pct:float=0.2, split=None, seed:int=42) ->
     valid = [str(r.image_id) for r in records if _listed(r, lists[-1])]
     if not valid: raise CLIError(f"--split {split[-1]}: none of its {len(lists[-1])} names is an image of the data")
     return records, IdSplitter(valid)
+
+def _class_name_kw(args) -> dict:
+    "`class_name=` for `make_parser` when `--class-name` was given."
+    name = getattr(args, 'class_name', None)
+    return {} if name is None else {'class_name': name}
+
+def _with_valid_data(args, parser, records:list, masks:bool, out:Path, log=print) -> tuple:
+    "`(records, splitter)` with the validation set read from `--valid-data` (same format, the training set's classes)."
+    from icefast.data import RecordsSplitter
+    vparser = make_parser(args.valid_data, args.format, masks=masks, images=args.images, label_attr=args.label_attr,
+                          class_map=parser.class_map, **_class_name_kw(args))
+    valid = parse_data(vparser, log)
+    with open(out/'data_report.txt', 'a') as f: f.write('\n--valid-data:\n' + vparser.report.summary(max_files=20) + '\n')
+    both = {r.filepath.resolve() for r in records} & {r.filepath.resolve() for r in valid}
+    if both: log(f"icefast: warning: {len(both)} images are in both --data and --valid-data (e.g. {sorted(both)[0].name}); "
+                 "their validation scores are not held out")
+    return records + valid, RecordsSplitter(valid)
 
 def resolve_pretrained(value:str, arch:str, backbone:str):
     "`(pretrained, pretrained_backbone)` for a model builder from --pretrained true|false|PATH."
@@ -256,9 +278,10 @@ def _run_log_callback():
     return RunLog
 
 @contextmanager
-def _plain_progress(learn, log, bars:bool=False):
-    "Unless `bars`: no progress bars (their redraws fill log files), one plain line per epoch under one header."
+def _plain_progress(learn, log, bars:bool=False, every:float=None):
+    "Unless `bars`: no bars (their redraws fill log files), a plain line per epoch, and with `every` a `ProgressLines` line at most that often."
     if bars: yield; return
+    from icefast.learner import ProgressLines
     shown = []
     def logger(values):
         names = learn.recorder.metric_names
@@ -266,7 +289,7 @@ def _plain_progress(learn, log, bars:bool=False):
         if not shown: log('  '.join(f"{n:>{w}}" for n, w in zip(names, widths))); shown.append(True)
         log('  '.join(f"{v:>{w}.4f}" if isinstance(v, float) else f"{v!s:>{w}}" for v, w in zip(values, widths)))
     old = learn.logger
-    with learn.no_bar():
+    with learn.no_bar(), learn.added_cbs([] if every is None else [ProgressLines(every, log)]):
         learn.logger = logger
         try: yield
         finally: learn.logger = old
@@ -317,13 +340,14 @@ def train(args, log=print) -> dict:
     _check_model_args(args.arch, args.backbone, args.size)
     if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
     masks = args.arch == 'mask_rcnn'
-    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr)
+    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, **_class_name_kw(args))
     records = parse_data(parser, log)
     with _as_cli_error(f"--out {out}"): out.mkdir(parents=True, exist_ok=True)
     rep = parser.report
     (out/'data_report.json').write_text(json.dumps(report_dict(rep), indent=1))
     (out/'data_report.txt').write_text(rep.summary(max_files=20) + '\n')
-    records, splitter = split_records(records, args.valid_pct, args.split, args.seed)
+    if getattr(args, 'valid_data', None): records, splitter = _with_valid_data(args, parser, records, masks, out, log)
+    else: records, splitter = split_records(records, args.valid_pct, args.split, args.seed)
 
     import torch
     from fastai.torch_core import set_seed
@@ -343,7 +367,10 @@ def train(args, log=print) -> dict:
     if n_train < args.bs:
         log(f"icefast: {n_train} training images, fewer than --bs {args.bs}: batch size {n_train}")
         dls.train.bs = n_train
-    log(f"icefast: {n_train} training and {n_valid} validation images, {len(cm) - 1} classes, {args.size} px, on {device}")
+    n_cls = len(cm) - 1
+    log(f"icefast: {n_train} training and {n_valid} validation images, {n_cls} class{'' if n_cls == 1 else 'es'}, {args.size} px, on {device}")
+    if isinstance(weights[0], Path): log(f"icefast: --pretrained {weights[0]}: read as whole-detector weights")
+    if isinstance(weights[1], Path): log(f"icefast: --pretrained {weights[1]}: read as backbone weights (no detector heads in it)")
     model = build_model(args.arch, args.backbone, len(cm), args.size, weights)
     RunLog = _run_log_callback()
     run_log, saver = RunLog(out), SaveModelCallback(monitor='mAP', fname='best', reset_on_fit=False)
@@ -352,15 +379,20 @@ def train(args, log=print) -> dict:
         learn = detection_learner(dls, model, path=out, model_dir='models')
         if lr == 'auto':  # before the run's callbacks, which would take lr_find's steps for epochs
             with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
-                sug = learn.lr_find(show_plot=False)
+                sug = learn.lr_find(num_it=getattr(args, 'lr_find_steps', 100), show_plot=False)
             lr = float(sug.valley)
             _save_fig(_lr_find_fig(learn), out/'lr_find.png')  # fastai's plot_lr_find returns no figure
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
         learn.add_cbs([run_log, saver])
         try:
-            with _plain_progress(learn, log, bars=sys.stdout.isatty()):
+            with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)):
                 learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
-        except NonFiniteLoss as e: raise TrainingError(str(e)) from e
+        except NonFiniteLoss as e:
+            best = out/'models'/'best.pth'
+            kept = (f"; {best} holds the best epoch before it (mAP {max(r.get('mAP') or 0. for r in run_log.rows):.3f})"
+                    if best.is_file() and run_log.rows else '')
+            why = str(e).split('\n\t')[-1]  # without fastai's "Exception occured in ..." prefix
+            raise TrainingError(f"{why} Nothing was exported as the run's model (no model.pkl){kept}.") from e
         except OSError as e: raise CLIError(str(e)) from e
     learn.remove_cbs([run_log, saver])
     learn.export('model.pkl')
@@ -481,7 +513,7 @@ def predict(args, log=print) -> dict:
     known = {}
     if args.data:
         if not args.format: raise CLIError("--data needs --format")
-        parser = make_parser(args.data, args.format, images=args.images_dir, label_attr=args.label_attr)
+        parser = make_parser(args.data, args.format, images=args.data_images, label_attr=args.label_attr, **_class_name_kw(args))
         for r in parse_data(parser, log=lambda *a: None): known[str(r.filepath.resolve())] = known[r.filepath.name] = r.image_id
     records = image_records(files, known)
     learn = load_run(args.run, args.device)
@@ -535,7 +567,8 @@ def evaluate(args, log=print) -> dict:
     from icefast.metrics import COCOEvaluator, detections_to_coco
     learn = load_run(args.run, args.device)
     cm, masks = learn.detection.class_map, learn.detection.masks
-    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm)
+    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
+                         **_class_name_kw(args))
     records = parse_data(parser, log)
     if args.split:
         ids = _split_ids(args.split)
@@ -606,6 +639,8 @@ def _common(p, data_required:bool=True):
     p.add_argument('--format', required=data_required, choices=list(FORMATS), help='annotation format')
     p.add_argument('--images', default=None, metavar='DIR', help='image folder, when not where the layout says')
     p.add_argument('--label-attr', default='label', metavar='NAME', help="via: region attribute holding the class name (default: label)")
+    p.add_argument('--class-name', default=None, metavar='NAME',
+                   help="via, csv: a single-class set whose regions (rows) carry no class: every one is NAME, e.g. --class-name balloon")
 
 def build_argparser() -> argparse.ArgumentParser:
     "The `icefast` argument parser with its four commands."
@@ -631,9 +666,10 @@ def build_argparser() -> argparse.ArgumentParser:
                         "(default resnet_fpn.resnet50); efficientdet: an EfficientDet name (default tf_efficientdet_lite0) "
                         "or a timm backbone such as mobilenetv3_large_100")
     t.add_argument('--size', type=int, default=384, help='image size in pixels, letterboxed (default: 384; efficientdet: a multiple of 128)')
-    t.add_argument('--epochs', type=int, default=10, help='epochs (default: 10; with pretrained weights one frozen epoch comes first)')
+    t.add_argument('--epochs', type=int, default=10, help='epochs in all (default: 10; every layer trains from the first)')
     t.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     t.add_argument('--lr', default=None, metavar='auto|X', help="learning rate: a number, 'auto' (fastai's lr_find), default: fine_tune's")
+    t.add_argument('--lr-find-steps', type=int, default=100, metavar='N', help="--lr auto: lr_find's steps (default: fastai's 100)")
     t.add_argument('--pretrained', default='true', metavar='true|false|PATH',
                    help="true: COCO detector weights where they exist, else ImageNet backbone weights (downloaded or cached); "
                         "false: from scratch; PATH: a weights file, whole detector or backbone (default: true)")
@@ -641,12 +677,17 @@ def build_argparser() -> argparse.ArgumentParser:
     g.add_argument('--valid-pct', type=float, default=0.2, metavar='P', help='random validation fraction (default: 0.2)')
     g.add_argument('--split', nargs='+', default=None, metavar='FILE',
                    help='VALID.txt, or TRAIN.txt VALID.txt: image ids or file names, one per line (e.g. VOC ImageSets/Main)')
+    g.add_argument('--valid-data', default=None, metavar='PATH',
+                   help='validation annotations in their own file or folder, in --format (e.g. val.json beside train.json, '
+                        'test.csv beside train.csv); --images applies to both')
     t.add_argument('--out', required=True, metavar='RUN_DIR', help='folder for the outputs')
     t.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
     t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: 0 on the CPU, where the training step uses every core; fastai's on a GPU)")
     t.add_argument('--seed', type=int, default=42, help='random seed of the split and the training (default: 42)')
     t.add_argument('--threshold', type=float, default=0.5, help='score threshold of results.png (default: 0.5)')
     t.add_argument('--show', type=int, default=4, metavar='N', help='validation images in results.png (default: 4)')
+    t.add_argument('--progress-every', type=float, default=20., metavar='SECONDS',
+                   help='without a terminal (a log file, a notebook cell): a progress line at most this often (default: 20)')
 
     pr = sub.add_parser('predict', help='detect objects in images', formatter_class=fmt, epilog=_EPILOG_DATA,
                         description=_wrap("Detect objects with a trained model; write to --out predictions.json (COCO results: "
@@ -658,8 +699,10 @@ def build_argparser() -> argparse.ArgumentParser:
     pr.add_argument('--threshold', type=float, default=0.5, help='keep detections scoring at least this (default: 0.5)')
     pr.add_argument('--data', default=None, metavar='PATH', help="the images' data set, to use its image ids in predictions.json")
     pr.add_argument('--format', default=None, choices=list(FORMATS), help='format of --data')
-    pr.add_argument('--images-dir', default=None, metavar='DIR', help='image folder of --data, when not where the layout says')
+    pr.add_argument('--images', '--images-dir', dest='data_images', default=None, metavar='DIR',
+                    help='image folder of --data, when not where the layout says')
     pr.add_argument('--label-attr', default='label', metavar='NAME', help='via: region attribute holding the class name')
+    pr.add_argument('--class-name', default=None, metavar='NAME', help='via, csv: the one class of a set whose regions (rows) name none')
     pr.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     pr.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
 

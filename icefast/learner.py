@@ -11,17 +11,18 @@ from fastai.callback.core import Callback
 from pathlib import Path
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, fine_tune, lr_find and progress bars on Learner
 
-import warnings
+import time, warnings
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
 from .data import split_batch, letterbox_scale, Letterbox
 from .metrics import COCOEvaluator, detections_to_coco
+from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe
 
 # %% auto #0
-__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'FINE_TUNE_DEFAULTS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart',
-           'COCOMetric', 'to_original', 'BatchTargets', 'DetectionAdapter', 'detection_metrics', 'loss_parts',
-           'light_rcnn_sampling', 'param_groups_of', 'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision',
-           'DetectionLearner', 'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner']
+__all__ = ['FINE_TUNE_DEFAULTS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original', 'BatchTargets',
+           'DetectionAdapter', 'predicts_masks', 'detection_metrics', 'loss_parts', 'param_groups_of', 'is_pretrained',
+           'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections', 'plot_pairs',
+           'DetectionInterpretation', 'detection_learner', 'ProgressLines']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -130,11 +131,13 @@ class DetectionAdapter(Callback):
         return [dl.items[i] for i in (range(start, start + n) if idxs is None else idxs[start:start + n])]
 
     def after_loss(self):
-        if self.training and not torch.isfinite(self.learn.loss):
-            files = [str(r.filepath) for r in self.batch_records()]
-            raise NonFiniteLoss(f"the loss became {float(self.learn.loss)} ({', '.join(f'{k}={float(v):.4g}' for k, v in self.learn.loss_func.parts.items())}) "
-                                f"at epoch {self.learn.epoch}, batch {self.learn.iter}; training stopped. The batch's images: {files}. "
-                                "Try a lower learning rate, or check these images' boxes.")
+        "Stop at the first NaN or infinite loss, in training or in validation (a diverged model gives NaN there first)."
+        if torch.isfinite(self.learn.loss): return
+        files = [str(r.filepath) for r in self.batch_records()]
+        raise NonFiniteLoss(f"the {'training' if self.training else 'validation'} loss became {float(self.learn.loss.detach())} "
+                            f"({', '.join(f'{k}={float(v):.4g}' for k, v in self.learn.loss_func.parts.items())}) "
+                            f"at epoch {self.learn.epoch}, batch {self.learn.iter}; training stopped. The batch's images: {files}. "
+                            "Try a lower learning rate, or check these images' boxes.")
 
     def after_pred(self):
         if self.training or not isinstance(self.pred, tuple): return
@@ -155,29 +158,23 @@ class DetectionAdapter(Callback):
         return self._epoch_metrics
 
 # %% ../nbs/09_learner.ipynb #e02aca94
-def _is_mask_model(model): return 'MaskRCNN' in type(model).__name__
+def predicts_masks(model) -> bool:
+    "Whether `model`'s detections carry masks (the protocol's `predicts_masks`; False when it does not say)."
+    return bool(getattr(model, 'predicts_masks', False))
 
 def detection_metrics(model) -> list:
-    "The COCO metrics for `model`: box mAP, mAP50, mAP75 and mAR100, plus mask mAP and mAP50 for Mask R-CNN."
-    keys = ['mAP', 'mAP50', 'mAP75', 'mAR100'] + (['mask_mAP', 'mask_mAP50'] if _is_mask_model(model) else [])
+    "The COCO metrics for `model`: box mAP, mAP50, mAP75 and mAR100, plus mask mAP and mAP50 when it predicts masks."
+    keys = ['mAP', 'mAP50', 'mAP75', 'mAR100'] + (['mask_mAP', 'mask_mAP50'] if predicts_masks(model) else [])
     return [COCOMetric(k) for k in keys]
 
 def loss_parts(model) -> list:
-    "Metrics showing each component of `model`'s validation loss."
-    names = {'EfficientDetModel': ['class_loss', 'box_loss']}.get(type(model).__name__,
-             ['loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'] + (['loss_mask'] if _is_mask_model(model) else []))
-    return [LossPart(n) for n in names]
-
-def light_rcnn_sampling(model, proposals:int=300, rois:int=64):
-    "CPU-sized R-CNN settings: `proposals` kept after NMS in training (torchvision: 2000) and `rois` sampled per image (512)."
-    if not hasattr(model, 'rpn'): return model
-    model.rpn._pre_nms_top_n['training'], model.rpn._post_nms_top_n['training'] = proposals*2, proposals
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = rois
-    return model
+    "Metrics showing each component of `model`'s validation loss (the protocol's `loss_names`)."
+    return [LossPart(n) for n in getattr(model, 'loss_names', ())]
 
 def param_groups_of(model) -> list:
-    "fastai splitter: the model's own parameter groups."
-    return model.param_groups()
+    "fastai splitter: the model's own parameter groups (one group for a module that declares none)."
+    groups = getattr(model, 'param_groups', None)
+    return groups() if callable(groups) else [list(model.parameters())]
 
 def is_pretrained(model) -> bool:
     "Whether `model` was built with pretrained weights (whole detector or backbone); unknown user modules count as pretrained."
@@ -186,10 +183,8 @@ def is_pretrained(model) -> bool:
 # fine_tune's defaults for a detector that declares none (a user's own module), chosen by measurement (see the notebook):
 # fastai's Adam and one-cycle, every layer at one rate from the start, with pretrained weights or without (a detector's
 # backbone must move much more than a classifier's, and a frozen epoch at the heads' rate cost accuracy); from scratch
-# half the rate, which trained the synthetic shapes better and far more steadily than 2e-3
-FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH = 2e-3, 1e-3
-FINE_TUNE_DEFAULTS = {True: dict(base_lr=FINE_TUNE_LR, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0),
-                      False: dict(base_lr=FINE_TUNE_LR_SCRATCH, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0)}
+# half the rate, which trained the synthetic shapes better and far more steadily than 2e-3 (`models.core.fine_tune_recipe`)
+FINE_TUNE_DEFAULTS = {True: fine_tune_recipe(True), False: fine_tune_recipe(False)}
 
 def fine_tune_defaults(model, pretrained:bool=None) -> dict:
     "`fine_tune`'s defaults for `model`: what it declares (`model.fine_tune_defaults(pretrained)`) over `FINE_TUNE_DEFAULTS`."
@@ -381,47 +376,61 @@ def _check_letterbox(dls):
                          "pixels: let `size=` of icefast.data.dataloaders do the resizing")
     return next(t for t in tfms if isinstance(t, Letterbox))
 
-def _model_num_classes(model):
-    "Classes the model predicts, background included (None for a head icefast does not know)."
-    if hasattr(model, 'roi_heads'): return getattr(getattr(model.roi_heads.box_predictor, 'cls_score', None), 'out_features', None)
-    cfg = getattr(model, 'config', None)
-    return None if getattr(cfg, 'num_classes', None) is None else cfg.num_classes + 1
+def _check_size(dls, model):
+    "Fit the model to the DataLoaders' size (`set_image_size`) or refuse one built for another (`image_size`)."
+    hw = tuple(_check_letterbox(dls).size)
+    if callable(getattr(model, 'set_image_size', None)): model.set_image_size(hw)
+    size = getattr(model, 'image_size', None)
+    if size is not None and tuple(size) != hw:
+        raise ValueError(f"the model was built for {tuple(size)} images but the DataLoaders make {hw}: build it with img_size={hw}")
 
 def _check_classes_and_masks(dls, model, class_map):
-    "Refuse, before any training step, a model built for another number of classes, or Mask R-CNN on data without masks."
-    n = _model_num_classes(model)
-    if n is not None and n != len(class_map):
+    "Refuse, before any training step, a model built for another number of classes, or a mask model on data without masks."
+    n = getattr(model, 'num_classes', None)
+    if isinstance(n, int) and n != len(class_map):
         raise ValueError(f"the model predicts {n} classes (background included) but dls.class_map has {len(class_map)}: "
                          f"build it with num_classes=len(dls.class_map) = {len(class_map)}")
-    if _is_mask_model(model) and len(getattr(dls.train_ds, 'tls', ())) < 4:
-        raise ValueError("Mask R-CNN needs masks, and these DataLoaders have none: parse with masks=True "
-                         "(and make the DataLoaders with masks), or use faster_rcnn")
+    if predicts_masks(model) and len(getattr(dls.train_ds, 'tls', ())) < 4:
+        raise ValueError(f"{type(model).__name__} predicts masks and needs them, and these DataLoaders have none: parse with "
+                         "masks=True (and make the DataLoaders with masks), or use a box detector such as faster_rcnn")
 
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
-    model, # A model from `faster_rcnn.model`, `mask_rcnn.model` or `efficientdet.model`
+    model, # An icefast detector (`faster_rcnn.model`, `efficientdet.model`, ...) or any module with the `models.core.Detector` members
     metrics=None, # Default: the COCO metrics and the loss components
-    cpu_light:bool=None, # Lighter R-CNN sampling on CPU (default: when the DataLoaders are on the CPU)
+    cpu_light:bool=None, # The model's `cpu_light()` sampling (R-CNN: fewer proposals and RoIs); default: when the DataLoaders are on the CPU
     cbs=None, # More callbacks
     **kwargs, # Passed to fastai's `Learner`
 ) -> Learner:
     "A fastai `Learner` for any icefast detector, with detection losses and COCO metrics."
-    from icefast.models.rcnn import set_image_size
-    hw = _check_letterbox(dls).size
     if len(dls.train) == 0:
         raise ValueError(f"the training set has {len(dls.train_ds)} images, fewer than one batch of {dls.train.bs} "
                          "(fastai drops the last incomplete training batch): use a smaller bs or more images")
-    if hasattr(model, 'transform'): set_image_size(model, hw)
-    size = tuple(getattr(getattr(model, 'config', None), 'image_size', hw))
-    if size != tuple(hw):
-        raise ValueError(f"the model was built for {size} images but the DataLoaders make {tuple(hw)}: build it with img_size={tuple(hw)}")
+    _check_size(dls, model)
     class_map = getattr(dls, 'class_map', None)
     if class_map is None: raise ValueError("dls has no class_map: make them with icefast.data.dataloaders (or set dls.class_map)")
     _check_classes_and_masks(dls, model, class_map)
-    if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and hasattr(model, 'rpn')
-    if cpu_light:
-        light_rcnn_sampling(model)
-        print("icefast: training on CPU with lighter R-CNN sampling (300 proposals, 64 RoIs per image; torchvision: 2000, 512)")
+    light = getattr(model, 'cpu_light', None)
+    if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and callable(light)
+    if cpu_light and callable(light): print(f"icefast: training on CPU with {light()}")
     if metrics is None: metrics = detection_metrics(model) + loss_parts(model)
     return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
-                            cbs=[DetectionAdapter(class_map, masks=_is_mask_model(model)), *(cbs or [])], **kwargs)
+                            cbs=[DetectionAdapter(class_map, masks=predicts_masks(model)), *(cbs or [])], **kwargs)
+
+# %% ../nbs/09_learner.ipynb #e82cd681
+class ProgressLines(Callback):
+    "A plain line (epoch, phase, batch, smoothed loss, seconds) at most every `every` seconds: progress for logs without a terminal."
+    order = 65  # after the Recorder has smoothed the loss
+    def __init__(self,
+        every:float=20., # Seconds between lines (0: a line per batch)
+        log=print, # Where lines go
+    ): self.every, self.log = every, log
+    def before_fit(self): self._last = time.perf_counter()
+    def before_epoch(self): self._start = time.perf_counter()
+    def after_batch(self):
+        now = time.perf_counter()
+        if now - self._last < self.every or not hasattr(self.learn, 'n_epoch'): return
+        self._last = now
+        loss = f", loss {float(self.learn.smooth_loss):.4f}" if self.training else ''
+        self.log(f"  epoch {self.epoch + 1}/{self.n_epoch} {'train' if self.training else 'valid'} batch {self.iter + 1}/{self.n_iter}"
+                 f"{loss} ({now - self._start:.0f} s)")

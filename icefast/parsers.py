@@ -4,13 +4,14 @@
 
 # %% ../nbs/01_parsers.ipynb #72f03f7e
 from __future__ import annotations
-import csv, json, logging, math, warnings
+import csv, io, json, logging, math, warnings
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .core import ClassMap, Record, InstanceMask, PolygonMask, RLEMask, LabelImageMask, image_size, verify_image
 
@@ -41,6 +42,8 @@ _FIX_KINDS = {
     'unsupported_shape': 'region shape without an area (point, polyline, ...): dropped',
     'missing_label': 'region without a class label: dropped',
     'orphan_annotation': 'annotation of an image that is not listed: dropped',
+    'mask_size_mismatch': 'mask (RLE or label PNG) of another size than its image: instance dropped, it would land in the wrong place',
+    'ambiguous_label': 'region with several options of its checkbox label attribute ticked: dropped',
 }
 
 class ParseReport:
@@ -105,6 +108,15 @@ def _mask_box(mask, w, h):
     ys, xs = np.nonzero(m)
     return np.array([xs.min(), ys.min(), xs.max()+1, ys.max()+1], np.float32) if len(xs) else None
 
+def _same_size(annotated, size):
+    try: return tuple(int(round(float(s))) for s in annotated) == tuple(size)
+    except (TypeError, ValueError, OverflowError): return False  # NaN, inf, text: not the file's size
+
+def _mask_hw(mask):
+    "(height, width) a mask was drawn at, where the format states it (RLE `size`, a label PNG's size), else None."
+    if isinstance(mask, RLEMask): return mask.size
+    return getattr(mask, 'hw', None)
+
 def _to_pixels(inst, w, h):
     scale = np.array([w, h, w, h], np.float64)
     box = None if inst.box is None else np.asarray(inst.box, np.float64)*scale
@@ -143,7 +155,8 @@ class Parser:
         if self.class_map is None:
             names = self.class_names()
             if names is None: names = sorted({i.label for a in anns for i in a.instances if i.label is not None})
-            self.class_map = ClassMap(names, source_ids=self.source_ids())
+            try: self.class_map = ClassMap(names, source_ids=self.source_ids())
+            except ValueError as e: raise ParseError(f"{self.source}: the class names cannot make a class map: {e}") from None
         records = [r for r in map(self._record, anns) if r is not None]
         self.report.n_images = len(records)
         self.report.n_boxes = sum(len(r) for r in records)
@@ -159,14 +172,16 @@ class Parser:
 
     def _image_size(self, ann):
         fp = Path(ann.filepath)
-        if not fp.is_file():
+        try: found = fp.is_file()
+        except (OSError, ValueError): found = False  # a name the file system cannot hold (too long, NUL byte)
+        if not found:
             self.report.add('missing_image', fp, f"listed in {ann.source}" if ann.source else '')
             return None
         try: w, h = verify_image(fp) if self.verify_images else image_size(fp)
         except Exception as e:
             self.report.add('corrupt_image', fp, f"{type(e).__name__}: {e}")
             return None
-        if ann.size is not None and tuple(int(round(float(s))) for s in ann.size) != (w, h):
+        if ann.size is not None and not _same_size(ann.size, (w, h)):
             self.report.add('size_mismatch', fp, f"annotated {tuple(ann.size)}, file {(w, h)}")
         return w, h
 
@@ -182,6 +197,9 @@ class Parser:
             if inst.label not in self.class_map or inst.label == self.class_map.background:
                 rep.add('unknown_class', fp, f"{inst.label!r}{where}"); continue
             if self.masks and inst.mask is None: rep.add('missing_mask', fp, where.strip(' ()')); continue
+            hw = _mask_hw(inst.mask)
+            if hw is not None and tuple(hw) != (h, w):
+                rep.add('mask_size_mismatch', fp, f"mask {hw[1]}x{hw[0]}, image {w}x{h}{where}"); continue
             box = inst.box if inst.box is not None else (_mask_box(inst.mask, w, h) if inst.mask is not None else None)
             if box is None: rep.add('degenerate', fp, f"empty mask{where}"); continue
             box = np.asarray(box, dtype=np.float64)
@@ -197,13 +215,34 @@ class Parser:
                       iscrowd=crowd, masks=masks if self.masks else None, areas=areas)
 
 # %% ../nbs/01_parsers.ipynb #866d4fb8
+def _short(v, n=60):
+    r = repr(v)
+    return r if len(r) <= n else r[:n-3] + '...'
+
+def _bad(path, where, value, expected):
+    "The ParseError for a value of the wrong kind: the file, the element, the value and what it should be."
+    return ParseError(f"{path}: {where} should be {expected}, got {_short(value)}")
+
+def _decode(path, data:bytes, what='file'):
+    "`data` as text (UTF-8, a leading BOM dropped); a ParseError naming the line of the first undecodable byte."
+    try: return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise ParseError(f"{path}: not a UTF-8 text file: line {line} has the byte {data[e.start:e.start+1]!r} "
+                         f"(offset {e.start}, {e.reason}); save the {what} as UTF-8") from None
+
+def _read_bytes(path, what='file'):
+    path = Path(path)
+    try: return path.read_bytes()
+    except FileNotFoundError: raise FileNotFoundError(f"{path}: {what} not found") from None
+    except IsADirectoryError: raise ParseError(f"{path}: is a folder; expected the {what}") from None
+
 def _load_json(path):
     path = Path(path)
-    try: text = path.read_text(encoding='utf-8')
-    except FileNotFoundError: raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except UnicodeDecodeError as e: raise ParseError(f"{path}: not a UTF-8 text file ({e})") from None
+    text = _decode(path, _read_bytes(path, 'annotation file'), 'JSON file')
     try: return json.loads(text)
     except json.JSONDecodeError as e: raise ParseError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e: raise ParseError(f"{path}: unreadable JSON: {e}") from None
 
 def _need(d, key, path, where, kind=None):
     if not isinstance(d, dict) or key not in d: raise ParseError(f"{path}: {where} has no '{key}'")
@@ -213,10 +252,30 @@ def _need(d, key, path, where, kind=None):
 
 def _numbers(vals, n, path, where):
     try:
-        vals = [float(v) for v in vals]
-        if len(vals) == n: return vals
-    except (TypeError, ValueError): pass
-    raise ParseError(f"{path}: {where} should be {n} numbers, got {vals!r}")
+        if isinstance(vals, (list, tuple)) and not any(isinstance(v, (bool, list, dict)) or v is None for v in vals):
+            out = [float(v) for v in vals]
+            if len(out) == n: return out
+    except (TypeError, ValueError, OverflowError): pass
+    raise ParseError(f"{path}: {where} should be {n} numbers, got {_short(vals)}")
+
+def _is_id(v):
+    "An id a format may use: an integer or a string (not a bool, float, list or null)."
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+# %% ../nbs/01_parsers.ipynb #3b1e9c52
+def _rle_string_total(s:str):
+    "Pixels a compressed COCO RLE string covers (pycocotools' `rleFrString`), or None if it is not one."
+    total, cnts, x, k = 0, [], 0, 0
+    for ch in s:
+        c = ord(ch) - 48
+        if not 0 <= c < 64 or k > 6: return None
+        x |= (c & 0x1f) << 5*k; k += 1
+        if c & 0x20: continue
+        if c & 0x10: x |= -1 << 5*k
+        if len(cnts) > 2: x += cnts[-2]
+        if not 0 <= x < 2**32: return None
+        cnts.append(x); total += x; x = k = 0
+    return None if k else total
 
 # %% ../nbs/01_parsers.ipynb #08783118
 class COCOParser(Parser):
@@ -240,43 +299,104 @@ class COCOParser(Parser):
             for k in ('images', 'annotations', 'categories'): _need(d, k, p, 'the file', list)
             self._cats = {}
             for i, c in enumerate(d['categories']):
-                self._cats[_need(c, 'id', p, f"categories[{i}]")] = str(_need(c, 'name', p, f"categories[{i}]"))
+                where = f"categories[{i}]"
+                cid, name = _need(c, 'id', p, where), _need(c, 'name', p, where)
+                if not _is_id(cid): raise _bad(p, f"{where}['id']", cid, "an integer category id")
+                if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip():
+                    raise _bad(p, f"{where}['name']", name, "a class name (non-empty text)")
+                if cid in self._cats:
+                    raise ParseError(f"{p}: {where}: category id {cid!r} is used twice, by '{self._cats[cid]}' and '{name}'; each category needs its own id")
+                self._cats[cid] = str(name)
+            if len({type(k) for k in self._cats}) > 1:
+                raise ParseError(f"{p}: 'categories' mixes integer and text ids (e.g. {next(k for k in self._cats if isinstance(k, int))!r} "
+                                 f"and {next(k for k in self._cats if isinstance(k, str))!r}); use integers throughout")
             self._data = d
         return self._data
 
-    def class_names(self):
+    def _cat_ids(self):
+        "Category ids in order, without one named 'background' (that is `ClassMap`'s id 0: its annotations are reported as unknown)."
         self._load()
-        names = [self._cats[k] for k in sorted(self._cats)]
+        return [k for k in sorted(self._cats) if self._cats[k] != 'background']
+    def class_names(self):
+        names = [self._cats[k] for k in self._cat_ids()]
         if len(set(names)) != len(names): raise ParseError(f"{self.annotations_file}: duplicate category names {names}")
         return names
-    def source_ids(self): return sorted(self._load() and self._cats)
+    def source_ids(self): return self._cat_ids()
+
+    def _size(self, im, where):
+        "(width, height) of an `images` entry, None where it states none (the file's size is then used)."
+        p, size = self.annotations_file, []
+        for k in ('width', 'height'):
+            v = im.get(k)
+            if k not in im: return None
+            if isinstance(v, (bool, list, dict)) or v is None: raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)")
+            try: size.append(float(v))
+            except (TypeError, ValueError, OverflowError): raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)") from None
+        return tuple(size)
+
+    def _rle(self, seg, where):
+        p, where = self.annotations_file, f"{where}['segmentation']"
+        size = _numbers(_need(seg, 'size', p, where), 2, p, f"{where}['size']")
+        if not all(math.isfinite(v) and v == int(v) and v > 0 for v in size):
+            raise _bad(p, f"{where}['size']", size, "[height, width]: two positive integers")
+        h, w = map(int, size)
+        counts = _need(seg, 'counts', p, where)
+        if isinstance(counts, str): total = _rle_string_total(counts)
+        elif isinstance(counts, list) and all(_is_id(c) and not isinstance(c, str) and c >= 0 for c in counts): total = sum(counts)
+        else: raise _bad(p, f"{where}['counts']", counts, "an RLE: a compressed string or a list of non-negative run lengths")
+        if total is None: raise _bad(p, f"{where}['counts']", counts, "a compressed COCO RLE string (characters '0' to 'o')")
+        if total != h*w: raise ParseError(f"{p}: {where}: the RLE runs cover {total} pixels, but its size {h}x{w} has {h*w}")
+        return RLEMask(counts, (h, w))
 
     def _mask(self, seg, where):
         p = self.annotations_file
-        if isinstance(seg, dict):
-            return RLEMask(_need(seg, 'counts', p, where), _numbers(_need(seg, 'size', p, where), 2, p, f"{where}['size']"))
+        if isinstance(seg, dict): return self._rle(seg, where)
         if isinstance(seg, list):
-            polys = [s for s in seg if isinstance(s, list) and len(s) >= 6]
+            polys = []
+            for j, poly in enumerate(seg):
+                w = f"{where}['segmentation'][{j}]"
+                if not isinstance(poly, list): raise _bad(p, w, poly, "a polygon: a list of x, y pixel coordinates")
+                if len(poly) % 2: raise _bad(p, w, poly, "a polygon: x, y pairs (an even count of numbers)")
+                if len(poly) >= 6: polys.append(_numbers(poly, len(poly), p, w))
             return PolygonMask(polys) if polys else None
-        raise ParseError(f"{p}: {where} has a 'segmentation' that is neither polygons nor RLE")
+        raise ParseError(f"{p}: {where} has a 'segmentation' that is neither polygons nor RLE: {_short(seg)}")
 
     def annotations(self):
         d, p = self._load(), self.annotations_file
+        files = {}  # image id -> (index, file name)
+        for i, im in enumerate(d['images']):
+            where = f"images[{i}]"
+            iid, fn = _need(im, 'id', p, where), _need(im, 'file_name', p, where)
+            if not _is_id(iid): raise _bad(p, f"{where}['id']", iid, "an integer image id")
+            if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"{where}['file_name']", fn, f"the image's file name in {self.img_dir}")
+            if iid in files:
+                j, other = files[iid]
+                raise ParseError(f"{p}: image id {iid!r} is used twice, by images[{j}] ('{other}') and {where} ('{fn}'); "
+                                 f"each image needs its own id, as annotations name their image by it")
+            files[iid] = (i, fn)
         by_image = defaultdict(list)
-        ids = {_need(im, 'id', p, f"images[{i}]") for i, im in enumerate(d['images'])}
         for i, a in enumerate(d['annotations']):
-            where = f"annotations[{i}] (id {a.get('id')})" if isinstance(a, dict) else f"annotations[{i}]"
+            where = f"annotations[{i}] (id {_short(a.get('id'), 30)})" if isinstance(a, dict) else f"annotations[{i}]"
             img_id = _need(a, 'image_id', p, where)
-            if img_id not in ids: self.report.add('orphan_annotation', p, f"{where} of image_id {img_id}"); continue
+            if not _is_id(img_id): raise _bad(p, f"{where}['image_id']", img_id, "the id of an image in 'images'")
+            if img_id not in files: self.report.add('orphan_annotation', p, f"{where} of image_id {img_id!r}"); continue
             by_image[img_id].append((where, a))
         for i, im in enumerate(d['images']):
-            fn = _need(im, 'file_name', p, f"images[{i}]")
-            size = (im['width'], im['height']) if 'width' in im and 'height' in im else None
-            yield ImageAnnotation(self.img_dir/fn, im['id'], [self._instance(a, where) for where, a in by_image[im['id']]], size, p)
+            yield ImageAnnotation(self.img_dir/im['file_name'], im['id'], [self._instance(a, where) for where, a in by_image[im['id']]],
+                                  self._size(im, f"images[{i}]"), p)
 
     def _instance(self, a, where):
         p = self.annotations_file
         cat = _need(a, 'category_id', p, where)
+        if not _is_id(cat): raise _bad(p, f"{where}['category_id']", cat, "the id of a category in 'categories'")
+        crowd = a.get('iscrowd', 0)
+        if crowd is None: crowd = 0
+        if crowd not in (0, 1) or isinstance(crowd, float): raise _bad(p, f"{where}['iscrowd']", crowd, "0 or 1")
+        area = a.get('area')
+        if area is not None:
+            if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+                raise _bad(p, f"{where}['area']", area, "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
+            area = float(area)
         seg = a.get('segmentation')
         mask = self._mask(seg, where) if (self.masks and seg) else None
         box = None
@@ -285,7 +405,7 @@ class COCOParser(Parser):
             box = (x, y, x+bw, y+bh)
         elif seg is None: raise ParseError(f"{p}: {where} has neither 'bbox' nor 'segmentation'")
         elif mask is None: mask = self._mask(seg, where)
-        return Instance(self._cats.get(cat, f"<category_id {cat}>"), box, mask, bool(a.get('iscrowd', 0)), a.get('area'), where)
+        return Instance(self._cats.get(cat, f"<category_id {cat}>"), box, mask, bool(crowd), area, where)
 
 # %% ../nbs/01_parsers.ipynb #99b1f704
 def _parse_xml(path):
@@ -301,20 +421,36 @@ def _text(el, tag, path, where, number=False):
     try: return float(node.text)
     except ValueError: raise ParseError(f"{path}: {where}: <{tag}> is not a number: {node.text.strip()!r}") from None
 
+# %% ../nbs/01_parsers.ipynb #5d7a2f81
+_VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable', 'dog',
+                'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')  # SegmentationClass values 1-20
+
+def _label_values(path):
+    "(size, set of pixel values but 0 and 255) of a single-channel label PNG; raises on other images."
+    with Image.open(path) as im:
+        if im.mode not in ('P', 'L', 'I', 'I;16'): raise ValueError(f"mode {im.mode}, expected a palette or grayscale PNG")
+        colors = im.getcolors(1 << 16)
+        if colors is None: raise ValueError("more than 65536 values")
+        return im.size, {int(v) for _, v in colors} - {0, 255}
+
 # %% ../nbs/01_parsers.ipynb #731c8b41
 class VOCParser(Parser):
-    "Pascal VOC XML files: boxes (1-based inclusive pixels made 0-based); instance masks from `SegmentationObject` PNGs."
+    "Pascal VOC XML files: boxes (1-based inclusive pixels made 0-based, see `one_based`); instance masks from `SegmentationObject` PNGs."
     def __init__(self,
         annotations_dir, # Folder of `.xml` files
         images_dir, # Folder of the images
         masks_dir=None, # Folder of `SegmentationObject` palette PNGs (pixel value i = i-th object); images without one are skipped
+        one_based:bool=True, # Coordinates are Pascal VOC's 1-based inclusive pixels: xmin, ymin lose 1, xmax, ymax are kept; False: taken as written
         **kwargs, # Passed to `Parser`
     ):
         super().__init__(**kwargs)
-        self.annotations_dir, self.images_dir = Path(annotations_dir), Path(images_dir)
+        self.annotations_dir, self.images_dir, self.one_based = Path(annotations_dir), Path(images_dir), one_based
         self.masks_dir = None if masks_dir is None else Path(masks_dir)
         self.masks = masks_dir is not None
         if not self.annotations_dir.is_dir(): raise FileNotFoundError(f"{self.annotations_dir}: annotations folder not found")
+        if self.masks and self.masks_dir.name.lower() == 'segmentationclass':
+            raise ParseError(f"{self.masks_dir}: masks_dir is a SegmentationClass folder, whose PNGs hold class ids, not objects; "
+                             f"pass the instance masks folder, SegmentationObject (pixel value i = the i-th <object>)")
 
     @property
     def source(self): return f"VOCParser({self.annotations_dir})"
@@ -325,21 +461,53 @@ class VOCParser(Parser):
             if (self.images_dir/(xml.stem+ext)).exists(): return self.images_dir/(xml.stem+ext)
         return self.images_dir/(xml.stem+'.jpg')
 
+    def _check_masks(self, found):
+        "Instances whose value is not in their PNG are dropped; PNGs that hold class ids (or nothing) are refused."
+        good, wrong = [], []
+        for ann, mask_file, values in found:
+            n = len(ann.instances)
+            extra = sorted(v for v in values if v > n)
+            if extra or (n and not values): wrong.append((ann, mask_file, values, extra)); continue
+            good.append(ann)
+            kept = []
+            for i, inst in enumerate(ann.instances):
+                if i+1 in values: kept.append(inst)
+                else: self.report.add('missing_mask', ann.source, f"{inst.where} ('{inst.label}'): value {i+1} absent from {mask_file.name}")
+            ann.instances = kept
+        if wrong and not good:
+            ann, mask_file, values, extra = wrong[0]
+            names = [i.label for i in ann.instances]
+            if not values: why = "it holds no object (all pixels 0 or 255)"
+            else:
+                why = f"it has the values {sorted(values)} but {ann.source.name} has {len(names)} <object>s"
+                if all(0 < v <= len(_VOC_CLASSES) and _VOC_CLASSES[v-1] in names for v in values):
+                    why += f": they are the VOC class ids of {[_VOC_CLASSES[v-1] for v in sorted(values)]}, a class mask"
+            raise ParseError(f"{self.masks_dir}: no mask PNG here holds one value per object (pixel value i = the i-th <object>); "
+                             f"e.g. {mask_file.name}: {why}. Pass masks_dir= the instance masks folder (SegmentationObject), not SegmentationClass")
+        for ann, mask_file, values, extra in wrong:
+            detail = f"values {extra} of {mask_file.name} are not objects of the XML ({len(ann.instances)} <object>s)" if extra else f"{mask_file.name} holds no object"
+            self.report.add('missing_mask', ann.source, detail)
+        return good
+
     def annotations(self):
         xmls = sorted(self.annotations_dir.glob('*.xml'))
         if not xmls:
             swapped = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in self.annotations_dir.iterdir())
             raise FileNotFoundError(f"{self.annotations_dir}: no .xml annotation files" + (
                 " but images: VOCParser takes the annotations folder first, then the images folder" if swapped else ""))
+        anns, found = [], []
         for xml in xmls:
             root = _parse_xml(xml)
             size = root.find('size')
             size = None if size is None else (_text(size, 'width', xml, '<size>', True), _text(size, 'height', xml, '<size>', True))
-            mask_file = None
+            mask_file = values = None
             if self.masks:
                 mask_file = self.masks_dir/(xml.stem+'.png')
                 if not mask_file.is_file():
                     self.report.add('missing_mask', xml, f"no {mask_file.name} in {self.masks_dir}"); continue
+                try: (mw, mh), values = _label_values(mask_file)
+                except Exception as e:
+                    self.report.add('corrupt_image', mask_file, f"mask of {xml.name}: {type(e).__name__}: {e}"); continue
             insts = []
             for i, obj in enumerate(root.iter('object')):
                 where = f"<object> {i+1}"
@@ -347,36 +515,104 @@ class VOCParser(Parser):
                 bb = obj.find('bndbox')
                 if bb is None: raise ParseError(f"{xml}: {where} ('{name}') has no <bndbox>")
                 xmin, ymin, xmax, ymax = (_text(bb, t, xml, f"{where} ('{name}')", True) for t in ('xmin', 'ymin', 'xmax', 'ymax'))
-                mask = LabelImageMask(mask_file, i+1) if mask_file else None
-                insts.append(Instance(name, (xmin-1, ymin-1, xmax, ymax), mask, where=where))
-            yield ImageAnnotation(self._image_path(root, xml), xml.stem, insts, size, xml)
+                mask = None
+                if mask_file:
+                    mask = LabelImageMask(mask_file, i+1)
+                    mask.hw = (mh, mw)  # checked against the image's size
+                box = (xmin-1, ymin-1, xmax, ymax) if self.one_based else (xmin, ymin, xmax, ymax)
+                insts.append(Instance(name, box, mask, where=where))
+            ann = ImageAnnotation(self._image_path(root, xml), xml.stem, insts, size, xml)
+            if mask_file: found.append((ann, mask_file, values))
+            else: anns.append(ann)
+        yield from (self._check_masks(found) if self.masks else anns)
 
 # %% ../nbs/01_parsers.ipynb #10a47b5f
 def _ellipse(cx, cy, rx, ry, n=24):
     t = np.linspace(0, 2*math.pi, n, endpoint=False)
     return np.stack([cx + rx*np.cos(t), cy + ry*np.sin(t)], 1).ravel()
 
+def _via_images(d):
+    "The images dict of a VIA 1/2 export or project `d`, or None if `d` is not one."
+    if isinstance(d, dict) and '_via_img_metadata' in d: d = d['_via_img_metadata']
+    if isinstance(d, dict) and d and all(isinstance(e, dict) and 'filename' in e for e in d.values()): return d
+    return None
+
+def _names(paths, n=3):
+    names = [Path(f).name for f in paths]
+    return ', '.join(names[:n]) + (f" (+{len(names)-n} more)" if len(names) > n else '')
+
+# %% ../nbs/01_parsers.ipynb #9c4e6a13
 class VIAParser(Parser):
-    "VIA 1/2 JSON exports and projects: rect, polygon, circle and ellipse regions, labelled by a selectable attribute."
+    "VIA 1/2 JSON exports and projects (one file, several, or a folder of them): rect, polygon, circle and ellipse regions, labelled by a region attribute or all of one class."
     def __init__(self,
-        annotations_file, # VIA JSON export or project file
+        annotations_file, # VIA JSON export or project file; a list of them; or a folder (every VIA `*.json` in it)
         img_dir, # Folder of the images
-        label_attr:str='label', # Region attribute holding the class name
+        label_attr:str='label', # Region attribute holding the class name (text, dropdown, radio, or a checkbox with one option ticked)
         masks:bool=False, # Keep region shapes as instance masks (rects become rectangles)
+        class_name:str=None, # Every region is this one class (single-class projects); the region attributes are then not read
         **kwargs, # Passed to `Parser`
     ):
         super().__init__(**kwargs)
-        self.annotations_file, self.img_dir, self.label_attr, self.masks = Path(annotations_file), Path(img_dir), label_attr, masks
+        if isinstance(annotations_file, (list, tuple)): annotations_file = [Path(f) for f in annotations_file]
+        else: annotations_file = Path(annotations_file)
+        self.annotations_file, self.img_dir, self.label_attr, self.masks = annotations_file, Path(img_dir), label_attr, masks
+        if class_name is not None and not (isinstance(class_name, str) and class_name.strip()):
+            raise ValueError(f"VIAParser: class_name should be a class name (non-empty text), got {class_name!r}")
+        if class_name is None and label_attr is None:
+            raise ValueError("VIAParser: pass label_attr= (the region attribute holding the class) or class_name= (every region is that class)")
+        self.class_name = None if class_name is None else class_name.strip()
+        self._files = None  # the VIA files read, once parsed
 
     @property
-    def source(self): return f"VIAParser({self.annotations_file.name})"
-    def _label(self, attrs):
+    def source(self):
+        a = self.annotations_file
+        return f"VIAParser({_names(self._files or (a if isinstance(a, list) else [a]))})"
+
+    def _load(self):
+        "[(file, images dict)] of every VIA file given (one, a list, or the VIA `*.json` of a folder)."
+        a = self.annotations_file
+        if isinstance(a, list):
+            if not a: raise ParseError("VIAParser: an empty list of annotation files")
+            paths, explicit = a, True
+        elif a.is_dir():
+            paths, explicit = sorted(a.glob('*.json')), False
+        else: paths, explicit = [a], True
+        loaded = []
+        for f in paths:
+            d = _load_json(f)
+            images = _via_images(d)
+            if images is not None: loaded.append((f, images))
+            elif explicit:
+                if isinstance(d, dict) and '_via_img_metadata' in d and not isinstance(d['_via_img_metadata'], dict):
+                    raise ParseError(f"{f}: '_via_img_metadata' should be a JSON object of images")
+                if isinstance(d, dict) and ('_via_img_metadata' in d or not d): loaded.append((f, {}))  # a project or export without images
+                elif not isinstance(d, dict): raise ParseError(f"{f}: expected a VIA JSON object of images")
+                else:
+                    key, entry = next((k, e) for k, e in d.items() if not (isinstance(e, dict) and 'filename' in e))
+                    _need(entry, 'filename', f, f"entry '{key}'")
+            else: logger.info("%s: not a VIA 1/2 export or project, left out", f)
+        if not loaded:
+            raise ParseError(f"{a}: no VIA JSON export or project in this folder" +
+                             (f" (looked at {_names(paths)})" if paths else " (no .json file)") +
+                             "; pass the VIA file(s), a list of them, or the folder holding them (VIA 3 files are not read)")
+        self._files = [f for f, _ in loaded]
+        return loaded
+
+    def _label(self, attrs, p, where):
+        "The class of a region; None if it has none, False if a checkbox has several options ticked."
         v = attrs.get(self.label_attr) if isinstance(attrs, dict) else None
-        if isinstance(v, dict): v = next((k for k, on in v.items() if on), None)  # checkbox attribute
+        if isinstance(v, dict):  # a VIA checkbox attribute: {option: true/false}
+            if not all(isinstance(on, bool) for on in v.values()):
+                raise _bad(p, f"{where} attribute '{self.label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
+            on = [k for k, t in v.items() if t]
+            if len(on) > 1: return False
+            v = on[0] if on else None
+        elif v is not None and (isinstance(v, (bool, list)) or not isinstance(v, (str, int, float))):
+            raise _bad(p, f"{where} attribute '{self.label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
         return None if v is None or str(v).strip() == '' else str(v).strip()
 
-    def _shape(self, s, where):
-        p, kind = self.annotations_file, s.get('name') if isinstance(s, dict) else None
+    def _shape(self, s, p, where):
+        kind = s.get('name') if isinstance(s, dict) else None
         num = lambda k: _numbers([_need(s, k, p, where)], 1, p, f"{where}['{k}']")[0]
         if kind == 'rect':
             x, y, w, h = num('x'), num('y'), num('width'), num('height')
@@ -384,7 +620,7 @@ class VIAParser(Parser):
         if kind == 'polygon':
             xs, ys = _need(s, 'all_points_x', p, where, list), _need(s, 'all_points_y', p, where, list)
             if len(xs) != len(ys): raise ParseError(f"{p}: {where}: all_points_x and all_points_y differ in length")
-            pts = np.stack([_numbers(xs, len(xs), p, where), _numbers(ys, len(ys), p, where)], 1)
+            pts = np.stack([_numbers(xs, len(xs), p, f"{where}['all_points_x']"), _numbers(ys, len(ys), p, f"{where}['all_points_y']")], 1)
             if len(pts) < 3: return None, None
             return (*pts.min(0), *pts.max(0)), PolygonMask([pts.ravel()])
         if kind in ('circle', 'ellipse'):
@@ -393,31 +629,56 @@ class VIAParser(Parser):
             return (cx-rx, cy-ry, cx+rx, cy+ry), PolygonMask([_ellipse(cx, cy, rx, ry)])
         return None, None
 
+    def _merged(self):
+        "{file name: [(VIA file, region)]}: entries for one image, in one file or several, merged; a region repeated in another file is kept once."
+        images = {}
+        for p, d in self._load():
+            for key, entry in d.items():
+                fn = _need(entry, 'filename', p, f"entry '{key}'")
+                if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"entry '{key}'['filename']", fn, f"the image's file name in {self.img_dir}")
+                regions = entry.get('regions')
+                if regions is None: regions = []
+                elif isinstance(regions, dict): regions = list(regions.values())  # VIA 1
+                elif not isinstance(regions, list): raise _bad(p, f"entry '{key}'['regions']", regions, "a list of regions")
+                have = images.setdefault(fn, [])
+                for r in regions:
+                    if any(r == r2 and p != p2 for p2, r2 in have): logger.info("%s: a region of '%s' also in another file, kept once", p, fn); continue
+                    have.append((p, r))
+        return images
+
     def annotations(self):
-        p, d = self.annotations_file, _load_json(self.annotations_file)
-        if isinstance(d, dict) and '_via_img_metadata' in d: d = d['_via_img_metadata']
-        if not isinstance(d, dict): raise ParseError(f"{p}: expected a VIA JSON object of images")
-        seen_attr, seen_region = False, False
-        for key, entry in d.items():
-            fn = _need(entry, 'filename', p, f"entry '{key}'")
-            regions = entry.get('regions') or []
-            if isinstance(regions, dict): regions = list(regions.values())  # VIA 1
-            insts = []
-            for i, r in enumerate(regions):
+        images = self._merged()
+        self.report.source = self.source
+        several = len(self._files) > 1
+        seen_attr, seen_region, attr_names = False, False, set()
+        for fn, regions in images.items():
+            insts, files = [], []
+            for i, (p, r) in enumerate(regions):
                 seen_region = True
-                where = f"'{fn}' region {i}"
-                attrs = r.get('region_attributes', {}) if isinstance(r, dict) else {}
-                seen_attr |= isinstance(attrs, dict) and self.label_attr in attrs
-                box, mask = self._shape(r.get('shape_attributes') if isinstance(r, dict) else None, where)
+                if p not in files: files.append(p)
+                where = f"'{fn}' region {i}" + (f" (in {p.name})" if several else '')
+                if not isinstance(r, dict): raise _bad(p, where, r, "a region: an object with 'shape_attributes' and 'region_attributes'")
+                attrs = r.get('region_attributes')
+                if isinstance(attrs, dict):
+                    attr_names.update(map(str, attrs))
+                    seen_attr |= self.label_attr in attrs
+                shape = r.get('shape_attributes')
+                box, mask = self._shape(shape, p, where)
                 if box is None:
-                    kind = (r.get('shape_attributes') or {}).get('name') if isinstance(r, dict) else None
-                    self.report.add('unsupported_shape', self.img_dir/fn, f"{kind!r} ({where})"); continue
-                label = self._label(attrs)
+                    self.report.add('unsupported_shape', self.img_dir/fn, f"{_short(shape.get('name') if isinstance(shape, dict) else shape)} ({where})"); continue
+                label = self.class_name or self._label(attrs, p, where)
+                if label is False:
+                    on = [k for k, t in attrs[self.label_attr].items() if t]
+                    self.report.add('ambiguous_label', self.img_dir/fn, f"'{self.label_attr}' has {on} ticked ({where})"); continue
                 if label is None: self.report.add('missing_label', self.img_dir/fn, f"no '{self.label_attr}' ({where})"); continue
                 insts.append(Instance(label, box, mask if self.masks else None, where=where))
-            yield ImageAnnotation(self.img_dir/fn, Path(fn).stem, insts, None, p)
-        if seen_region and not seen_attr:
-            raise ParseError(f"{p}: no region has the attribute '{self.label_attr}'; pass label_attr= one of the region attributes")
+            yield ImageAnnotation(self.img_dir/fn, Path(fn).stem, insts, None, files[0] if len(files) == 1 else (files or self._files)[0])
+        if self.class_name is None and seen_region and not seen_attr:
+            saw = f"the attributes are {sorted(attr_names)}" if attr_names else "the regions have no attributes at all"
+            files = ', '.join(map(str, self._files[:3])) + (f" (+{len(self._files)-3} more)" if len(self._files) > 3 else '')
+            raise ParseError(f"{files}: no region has the attribute '{self.label_attr}' ({saw}); for a single-class project "
+                             f"pass class_name='NAME' (CLI: --class-name NAME)" +
+                             (f", else label_attr= one of {sorted(attr_names)}" if attr_names else ''))
 
 # %% ../nbs/01_parsers.ipynb #a9ec4916
 _CSV_NAMES = {
@@ -428,15 +689,20 @@ _CSV_NAMES = {
 }
 
 class CSVParser(Parser):
-    "One row per box (rows with empty box fields are images without boxes); common headers recognised, or `columns=`."
+    "One row per box (rows with empty box fields are images without boxes); common headers recognised, or `columns=`; 0-based pixels as written (see `one_based`)."
     def __init__(self,
         csv_file, # CSV file with a header row
         img_dir, # Folder the file names are relative to
         columns:dict=None, # Explicit mapping: keys 'filename', 'label' and either 'xmin','ymin','xmax','ymax' or 'x','y','w','h'
+        one_based:bool=False, # Coordinates are 1-based inclusive pixels (Pascal VOC's convention): xmin, ymin (x, y) lose 1, xmax, ymax are kept
+        class_name:str=None, # Every box is this one class (single-class sets); the label column, if any, is not read. Without either: 'object'
         **kwargs, # Passed to `Parser`
     ):
         super().__init__(**kwargs)
-        self.csv_file, self.img_dir, self.columns = Path(csv_file), Path(img_dir), columns
+        self.csv_file, self.img_dir, self.columns, self.one_based = Path(csv_file), Path(img_dir), columns, one_based
+        if class_name is not None and not (isinstance(class_name, str) and class_name.strip()):
+            raise ValueError(f"CSVParser: class_name should be a class name (non-empty text), got {class_name!r}")
+        self.class_name = None if class_name is None else class_name.strip()
 
     @property
     def source(self): return f"CSVParser({self.csv_file.name})"
@@ -461,12 +727,11 @@ class CSVParser(Parser):
 
     def annotations(self):
         p = self.csv_file
-        try: f = open(p, newline='', encoding='utf-8-sig')
-        except FileNotFoundError: raise FileNotFoundError(f"{p}: CSV file not found") from None
-        with f:
+        text = _decode(p, _read_bytes(p, 'CSV file'), 'CSV file')
+        with io.StringIO(text, newline='') as f:
             reader = csv.DictReader(f)
             try: header = reader.fieldnames
-            except (csv.Error, UnicodeDecodeError) as e: raise ParseError(f"{p}: unreadable CSV header: {e}") from None
+            except csv.Error as e: raise ParseError(f"{p}: unreadable CSV header: {e}") from None
             if not header: raise ParseError(f"{p}: empty file, expected a header row")
             fn_col, label_col, box_cols, xywh = self._resolve(header)
             images, order = {}, []
@@ -481,8 +746,9 @@ class CSVParser(Parser):
                     if not any(vals): continue  # an image without boxes
                     try: vals = [float(v) for v in vals]
                     except ValueError: raise ParseError(f"{p}: line {line}: box {dict(zip(box_cols, vals))} is not numeric") from None
+                    if self.one_based: vals[:2] = vals[0]-1, vals[1]-1  # a 1-based x (or xmin) is x-1 0-based; xmax stays (inclusive)
                     if xywh: vals = [vals[0], vals[1], vals[0]+vals[2], vals[1]+vals[3]]
-                    label = (row.get(label_col) or '').strip() if label_col else 'object'
+                    label = self.class_name or ((row.get(label_col) or '').strip() if label_col else 'object')
                     if not label: raise ParseError(f"{p}: line {line}: empty '{label_col}'")
                     images[fn].append(Instance(label, vals, where=f"line {line}"))
             except csv.Error as e: raise ParseError(f"{p}: line {reader.line_num}: {e}") from None
@@ -501,7 +767,8 @@ class YOLOParser(Parser):
         super().__init__(**kwargs)
         self.images_dir, self.labels_dir, self.masks = Path(images_dir), Path(labels_dir), masks
         if isinstance(class_names, (str, Path)):
-            class_names = [l.strip() for l in Path(class_names).read_text().splitlines() if l.strip()]
+            text = _decode(class_names, _read_bytes(class_names, 'class names file'), 'class names file')
+            class_names = [l.strip() for l in text.splitlines() if l.strip()]
         self.names = list(class_names)
 
     @property
@@ -511,17 +778,22 @@ class YOLOParser(Parser):
         for d, what in ((self.images_dir, 'images'), (self.labels_dir, 'labels')):
             if not d.is_dir(): raise FileNotFoundError(f"{d}: {what} folder not found")
         images = sorted(f for f in self.images_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        stems = {f.stem for f in images}
+        stems = {}
+        for f in images:
+            if f.stem in stems:
+                raise ParseError(f"{self.images_dir}: {stems[f.stem].name} and {f.name} would both take the label file {self.labels_dir/(f.stem+'.txt')}; "
+                                 f"YOLO pairs images and labels by name: rename or move one of them")
+            stems[f.stem] = f
         for txt in sorted(self.labels_dir.glob('*.txt')):
             if txt.stem not in stems and txt.name != 'classes.txt': self.report.add('missing_image', txt, f"label file without an image in {self.images_dir}")
         for img in images:
             txt = self.labels_dir/(img.stem+'.txt')
-            rows = self._read(txt) if txt.exists() else []
+            rows = self._read(txt) if txt.exists() or txt.is_symlink() else []
             yield ImageAnnotation(img, img.stem, rows, None, txt)
 
     def _read(self, txt):
         rows = []
-        for n, line in enumerate(txt.read_text().splitlines(), 1):
+        for n, line in enumerate(_decode(txt, _read_bytes(txt, 'label file'), 'label file').splitlines(), 1):
             parts = line.split()
             if not parts: continue
             try: cls, vals = int(parts[0]), [float(v) for v in parts[1:]]

@@ -157,7 +157,7 @@ def test_train_via_with_lr_find(samples, tmp_path, capsys):
     "VIA polygons and rects; `--lr auto` runs fastai's lr_find first, whose steps are not epochs of the run."
     out = tmp_path/'run'
     code, stdout, err = run(capsys, 'train', '--data', samples/'via'/'via_bbox.json', '--format', 'via', '--size', '64',
-                            '--epochs', '1', '--valid-pct', '0.5', '--out', out, *FAST, '--lr', 'auto')
+                            '--epochs', '1', '--valid-pct', '0.5', '--out', out, *FAST, '--lr', 'auto', '--lr-find-steps', '12')
     assert code == 0, err
     assert_run_folder(out, 1)
     rep = json.loads((out/'data_report.json').read_text())
@@ -253,10 +253,11 @@ def test_pretrained_weights_from_files(shapes, tmp_path, capsys):
     assert resolve_pretrained(str(det), 'faster_rcnn', 'resnet_fpn.resnet18') == (det, False)
     assert resolve_pretrained(str(bb), 'faster_rcnn', 'resnet_fpn.resnet18') == (False, bb)
     out = tmp_path/'run'
-    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--size', '64', '--epochs', '1',
-                       '--valid-pct', '0.25', '--out', out, *FAST, '--pretrained', det)
+    code, stdout, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--size', '64', '--epochs', '1',
+                            '--valid-pct', '0.25', '--out', out, *FAST, '--pretrained', det)
     assert code == 0, err
     assert_run_folder(out, 1)  # no frozen epoch: fine_tune's default for pretrained detectors too
+    assert f'--pretrained {det}: read as whole-detector weights' in stdout
 
 
 def test_two_split_files_and_yolo_names_from_data_yaml(shapes, tmp_path):
@@ -394,3 +395,106 @@ def test_eval_with_a_file_that_is_not_a_learner(tmp_path, shapes, capsys):
     (tmp_path/'model.pkl').write_bytes(b'not a pickle')
     code, _, err = run(capsys, 'eval', tmp_path, '--data', shapes, '--format', 'coco')
     assert_one_line_error(code, err, 'not a learner exported by icefast train')
+
+
+def _coco_parts(shapes, tmp_path):
+    "The shapes' COCO file cut in two: train.json (12 images) and val.json (4), beside the images."
+    d = json.loads((shapes/'annotations.json').read_text())
+    val_ids = {i['id'] for i in d['images'][-4:]}
+    for name, keep in (('train.json', lambda i: i not in val_ids), ('val.json', lambda i: i in val_ids)):
+        part = dict(d, images=[i for i in d['images'] if keep(i['id'])], annotations=[a for a in d['annotations'] if keep(a['image_id'])])
+        (tmp_path/name).write_text(json.dumps(part))
+    return tmp_path/'train.json', tmp_path/'val.json', val_ids
+
+
+def test_train_with_its_own_validation_file_and_progress_lines(shapes, tmp_path, capsys):
+    "--valid-data: validation annotations in their own file; without a terminal, plain progress lines within epochs."
+    train_json, val_json, val_ids = _coco_parts(shapes, tmp_path)
+    out = tmp_path/'run'
+    code, stdout, err = run(capsys, 'train', '--data', train_json, '--format', 'coco', '--images', shapes/'images',
+                            '--valid-data', val_json, '--size', '64', '--epochs', '1', *UNTRAINED, '--out', out, *FAST,
+                            '--progress-every', '0')
+    assert code == 0, err
+    s = json.loads((out/'run.json').read_text())
+    assert (s['n_train'], s['n_valid']) == (12, 4)
+    assert {int(l) for l in (out/'valid.txt').read_text().split()} == val_ids
+    assert '--valid-data' in (out/'data_report.txt').read_text()
+    lines = [l for l in stdout.splitlines() if ' batch ' in l]
+    assert any('epoch 1/1 train batch 3/3, loss' in l for l in lines) and any('valid batch 1/1' in l for l in lines), stdout
+    assert '3 classes' in stdout and '█' not in stdout
+    from icefast.cli import build_argparser
+    assert build_argparser().parse_args(['train', '--data', 'd', '--format', 'coco', '--out', 'o']).progress_every <= 30
+    code, _, err = run(capsys, 'train', '--data', train_json, '--format', 'coco', '--valid-data', val_json, '--split',
+                       tmp_path/'x.txt', '--out', out)
+    assert_one_line_error(code, err, 'not allowed with argument')
+
+
+def test_a_nan_in_validation_fails_the_run_and_exports_nothing(shapes, tmp_path, capsys, monkeypatch):
+    "A model whose validation loss is NaN: exit code 1 with the reason, and no model.pkl passed off as the result."
+    import icefast.cli as cli
+    build = cli.build_model
+    def diverged(*args, **kwargs):
+        m = build(*args, **kwargs)
+        forward = m.forward
+        def nan_in_validation(images, targets=None):
+            out = forward(images, targets)
+            if m.training or targets is None: return out
+            losses, dets = out
+            return {k: v * float('nan') for k, v in losses.items()}, dets
+        m.forward = nan_in_validation
+        return m
+    monkeypatch.setattr(cli, 'build_model', diverged)
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--size', '64', '--epochs', '1', *UNTRAINED,
+                       '--valid-pct', '0.25', '--out', out, *FAST)
+    assert code == 1 and 'training failed: the validation loss became nan' in err, err
+    assert 'Nothing was exported' in err and not (out/'model.pkl').exists()
+
+
+def test_predict_takes_images_like_train_and_eval(coco_run, shapes, tmp_path, capsys):
+    "`predict --images DIR` names the image folder of --data as train and eval do (the old --images-dir still works)."
+    for opt in ('--images', '--images-dir'):
+        code, _, err = run(capsys, 'predict', coco_run, shapes/'images', '--out', tmp_path/opt, '--data', shapes/'annotations.json',
+                           '--format', 'coco', opt, shapes/'images')
+        assert code == 0, err
+
+
+def _via_single_class_parts(shapes, root):
+    "The shapes as a single-class VIA 2 polygon project with no region attributes, saved in two JSON parts."
+    d = json.loads((shapes/'annotations.json').read_text())
+    (root/'images').mkdir(parents=True)
+    entries = {}
+    for img in d['images']:
+        shutil.copy(shapes/'images'/img['file_name'], root/'images'/img['file_name'])
+        regions = [{'shape_attributes': {'name': 'polygon', 'all_points_x': a['segmentation'][0][0::2],
+                                         'all_points_y': a['segmentation'][0][1::2]}, 'region_attributes': {}}
+                   for a in d['annotations'] if a['image_id'] == img['id']]
+        entries[img['file_name']] = {'filename': img['file_name'], 'size': 0, 'regions': regions, 'file_attributes': {}}
+    names = sorted(entries)
+    for i, part in enumerate((names[:8], names[8:])):
+        (root/f'part{i}.json').write_text(json.dumps({n: entries[n] for n in part}))
+    return root
+
+
+def test_single_class_via_project_in_two_parts_trains_mask_rcnn(shapes, tmp_path, capsys):
+    "A VIA polygon export with no label attribute, saved in two files: one argument (class_name / --class-name) trains Mask R-CNN."
+    root = _via_single_class_parts(shapes, tmp_path/'via')
+    code, _, err = run(capsys, 'train', '--data', root, '--format', 'via', '--arch', 'mask_rcnn', '--size', '64', '--epochs', '1',
+                       '--out', tmp_path/'x', *FAST)
+    assert_one_line_error(code, err, "--class-name")  # no label attribute: the error names the CLI's own option
+    out = tmp_path/'run'
+    code, stdout, err = run(capsys, 'train', '--data', root, '--format', 'via', '--class-name', 'shape', '--arch', 'mask_rcnn',
+                            '--size', '64', '--epochs', '1', *UNTRAINED, '--valid-pct', '0.25', '--out', out, *FAST)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    s = json.loads((out/'run.json').read_text())
+    assert s['classes'] == ['shape'] and s['n_train'] + s['n_valid'] == 16 and '1 class,' in stdout
+    assert {'mask_mAP', 'mask_mAP50'} <= set(json.loads((out/'metrics.json').read_text())[0])
+    from icefast.parsers import VIAParser
+    from icefast.models import mask_rcnn
+    from icefast.learner import detection_learner
+    p = VIAParser(root, root/'images', class_name='shape', masks=True)  # Python: the same one argument
+    dls = p.dataloaders(size=64, bs=4, batch_tfms=[], num_workers=0)
+    learn = detection_learner(dls, mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(p.class_map)))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-6)
+    assert p.report.n_images == 16 and p.report.n_boxes == sum(len(r) for r in p.parse()) > 0

@@ -399,7 +399,7 @@ def test_model_for_other_classes_or_without_masks_is_refused_early(shapes):
         detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=3))
     with pytest.raises(ValueError, match=r"predicts 6 classes"):
         detection_learner(dls, efficientdet.model(backbone='mobilenetv3_small_100', num_classes=6, img_size=128))
-    with pytest.raises(ValueError, match='Mask R-CNN needs masks, and these DataLoaders have none'):
+    with pytest.raises(ValueError, match='MaskRCNNModel predicts masks and needs them, and these DataLoaders have none'):
         detection_learner(dls, mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=4))
 
 def test_predict_on_images_in_memory(shapes):
@@ -422,3 +422,71 @@ def test_get_preds_options_it_cannot_honour_are_refused(shapes):
     for kw in (dict(with_loss=True), dict(with_decoded=True), dict(save_preds='p')):
         with pytest.raises(TypeError, match=f"get_preds\\({next(iter(kw))}.*not available for detectors.*top_losses"):
             learn.get_preds(**kw)
+
+class BoxRegressor(torch.nn.Module):
+    "A user's own detector that implements icefast's protocol: one learnable box per image, an L1 loss to the first target box."
+    loss_names, predicts_masks, num_classes, image_size = ('loss_l1',), False, 4, None
+    def __init__(self):
+        super().__init__()
+        self.stem, self.box = torch.nn.Conv2d(3, 1, 1), torch.nn.Parameter(torch.tensor([0., 0., 8., 8.]))
+    def param_groups(self): return [list(self.stem.parameters()), [self.box]]
+    def forward(self, images, targets=None):
+        x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
+        box = self.box + 0 * self.stem(x).mean()
+        dets = [{'boxes': box[None], 'scores': torch.ones(1), 'labels': torch.ones(1, dtype=torch.long)} for _ in x]
+        if targets is None: return dets
+        loss = {'loss_l1': sum((box - t['boxes'][0]).abs().mean() for t in targets if len(t['boxes'])) / len(targets)}
+        return loss if self.training else (loss, dets)
+
+def test_a_users_own_detector_trains_validates_and_predicts_through_the_protocol(shapes, tmp_path):
+    "The learner knows no architecture: a module with the `Detector` members trains, validates, predicts and exports."
+    from icefast.models.core import Detector
+    from icefast.learner import param_groups_of
+    model = BoxRegressor()
+    assert isinstance(model, Detector)
+    learn = detection_learner(_small_dls(shapes), model)
+    assert [m.name for m in learn.metrics] == ['mAP', 'mAP50', 'mAP75', 'mAR100', 'loss_l1']
+    assert len(param_groups_of(model)) == 2
+    start = model.box.detach().clone()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.5)
+    assert not torch.equal(model.box.detach(), start)
+    assert learn.recorder.values[-1][learn.recorder.metric_names.index('loss_l1') - 1] is not None
+    d = learn.predict(shapes[0][0].filepath)
+    assert d['boxes'].shape == (1, 4) and d['names'] == [shapes[1].get_name(1)]
+    learn.export(tmp_path/'own.pkl')
+    from fastai.learner import load_learner
+    assert load_learner(tmp_path/'own.pkl').predict(shapes[0][0].filepath)['boxes'].shape == (1, 4)
+    model.num_classes = 3
+    with pytest.raises(ValueError, match='predicts 3 classes'): detection_learner(_small_dls(shapes), model)
+
+def test_builtin_detectors_declare_the_protocol():
+    "Every icefast architecture declares the protocol's members; the learner reads nothing else."
+    from icefast.models.core import Detector
+    from icefast.models import mask_rcnn
+    fr = faster_rcnn.model(backbone='resnet.resnet18', num_classes=3)
+    mr = mask_rcnn.model(backbone='resnet.resnet18', num_classes=5)
+    ed = efficientdet.model(backbone='mobilenetv3_small_100', num_classes=2, img_size=128)
+    for m in (fr, mr, ed): assert isinstance(m, Detector)
+    assert [(m.num_classes, m.predicts_masks, m.image_size) for m in (fr, mr, ed)] == [(3, False, None), (5, True, None), (2, False, (128, 128))]
+    assert fr.loss_names[-1] == 'loss_rpn_box_reg' and mr.loss_names[-1] == 'loss_mask' and ed.loss_names == ('class_loss', 'box_loss')
+    assert 'proposals' in fr.cpu_light() and fr.rpn._post_nms_top_n['training'] == 300 and not hasattr(ed, 'cpu_light')
+    fr.set_image_size((96, 160))
+    assert (fr.transform.min_size, fr.transform.max_size) == ((96,), 160)
+
+def test_efficientdet_with_one_class_at_its_smallest_size_validates_and_predicts(shapes, tmp_path):
+    "One class at 128 px gives fewer anchors x classes than effdet's top-k (5000): validation, predict and get_preds still work."
+    from icefast.core import ClassMap
+    records, cm = shapes
+    one = ClassMap([cm.get_name(1)])
+    recs = [Record(r.filepath, r.image_id, r.width, r.height, labels=[1]*int((r.labels == 1).sum()),
+                   boxes=r.boxes[r.labels == 1], iscrowd=[0]*int((r.labels == 1).sum())) for r in records[:12]]
+    dls = dataloaders(recs, one, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in recs[:4]]))
+    model = efficientdet.model('tf_efficientdet_lite0', num_classes=len(one), img_size=128)
+    assert model.detection_points == 3069 < model.config.max_detection_points  # 3069 anchors at 128 px, one class
+    learn = detection_learner(dls, model)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.recorder.values[-1][2] is not None  # mAP of the validation epoch
+    assert set(learn.predict(recs[0].filepath)) >= {'boxes', 'scores', 'labels', 'names'}
+    preds, _ = learn.get_preds()
+    assert len(preds) == 4
+    learn.show_results(max_n=1)

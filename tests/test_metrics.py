@@ -98,6 +98,7 @@ def test_string_image_ids_and_default_category_ids(tmp_path):
 
 class FixedMaskRCNN(torch.nn.Module):
     "A stand-in detector returning fixed detections (given in original pixels) for the images it recognises, letterboxed."
+    loss_names, predicts_masks = ('loss_classifier',), True  # the detector protocol: box and mask metrics
     def __init__(self, records, dets):
         super().__init__()
         self.w, self.records, self.dets, self.by_image, self.empty = torch.nn.Parameter(torch.zeros(1)), records, dets, {}, False
@@ -131,7 +132,7 @@ def test_learner_metrics_equal_pycocotools_on_get_preds(coco_records):
     dls = dataloaders(records, cm, size=256, bs=4, batch_tfms=[], splitter=every)
     model = FixedMaskRCNN(list(dls.valid.items), fixed_detections(list(dls.valid.items), cm))
     model.remember(dls.valid)
-    learn = detection_learner(dls, model, metrics=detection_metrics(model))  # 'MaskRCNN' in the name: box and mask metrics
+    learn = detection_learner(dls, model, metrics=detection_metrics(model))  # predicts_masks: box and mask metrics
     names = [m.name for m in learn.metrics]
     assert names == ['mAP', 'mAP50', 'mAP75', 'mAR100', 'mask_mAP', 'mask_mAP50']
     with learn.no_bar(), learn.no_logging(): ours = dict(zip(names, learn.validate()[1:]))

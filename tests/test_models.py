@@ -47,11 +47,12 @@ HEAVY = {'resnet_fpn.resnet152', 'resnet_fpn.resnext101_32x8d', 'resnet_fpn.wide
 LIGHT_RCNN = {('faster_rcnn', 'resnet_fpn.resnet18'), ('faster_rcnn', 'resnet.resnet18'), ('faster_rcnn', 'mobilenet.mobilenet_v3_large_fpn'),
               ('faster_rcnn', 'mobilenet.mobilenet'), ('faster_rcnn', 'vgg.vgg11'), ('mask_rcnn', 'resnet_fpn.resnet18')}
 
-def train_and_eval_step(model, groups, size, masks=False):
+def train_and_eval_step(model, groups, size, masks=False, n_classes=NUM_CLASSES):
     "One training step unfrozen and one frozen (gradients reach the backbone only when unfrozen), then an eval forward."
     images = torch.rand(2, 3, size, size)
     boxes = torch.tensor([[10., 12., 60., 70.], [30., 40., 100., 110.]])
-    targets = [{'boxes': boxes, 'labels': torch.tensor([1, 2])}, {'boxes': boxes[:1], 'labels': torch.tensor([2])}]
+    top = n_classes - 1  # the last class id
+    targets = [{'boxes': boxes, 'labels': torch.tensor([1, top])}, {'boxes': boxes[:1], 'labels': torch.tensor([top])}]
     if masks:
         for t in targets:
             t['masks'] = torch.zeros(len(t['boxes']), size, size, dtype=torch.uint8)
@@ -110,29 +111,32 @@ def test_backbone_list_and_families():
     with pytest.raises(ValueError, match='len\\(class_map\\)'): faster_rcnn.model(num_classes=None)
 
 # ---------------------------------------------------------------- EfficientDet
+EFFDET_CLASSES = 2  # one class and the background at the smallest legal size: fewer anchors x classes than effdet's top-k
+
 def effdet_reference(name, size):
     from effdet import create_model
-    return create_model(EFFDET_ALIASES.get(name, name), num_classes=NUM_CLASSES - 1, pretrained=False, pretrained_backbone=False,
+    return create_model(EFFDET_ALIASES.get(name, name), num_classes=EFFDET_CLASSES - 1, pretrained=False, pretrained_backbone=False,
                         image_size=(size, size))
 
 EFFDET_LIGHT = {'tf_efficientdet_lite0', 'efficientdet_d0', 'mobilenetv3_large_100'}
 
 @pytest.mark.parametrize('name', EFFDET_NAMES + TIMM_PRESETS)
 def test_efficientdet_catalog(name):
+    "Every EfficientDet at its smallest legal size with one class: upstream's parameters, groups, and it predicts (effdet's top-k fits)."
     timm_backbone = name in TIMM_PRESETS
     size = 256 if name.endswith('d7x') else 128
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        model = (efficientdet.model(backbone=name, num_classes=NUM_CLASSES, img_size=size) if timm_backbone
-                 else efficientdet.model(name, num_classes=NUM_CLASSES, img_size=size))
+        model = (efficientdet.model(backbone=name, num_classes=EFFDET_CLASSES, img_size=size) if timm_backbone
+                 else efficientdet.model(name, num_classes=EFFDET_CLASSES, img_size=size))
     if timm_backbone:
         from effdet import EfficientDet
-        ref = EfficientDet(efficientdet_config(backbone=name, img_size=size, num_classes=NUM_CLASSES - 1), pretrained_backbone=False)
+        ref = EfficientDet(efficientdet_config(backbone=name, img_size=size, num_classes=EFFDET_CLASSES - 1), pretrained_backbone=False)
     else: ref = effdet_reference(name, size)
     assert n_params(model) == n_params(ref), f"{n_params(model)} vs upstream {n_params(ref)}"
     groups = efficientdet.param_groups(model)
     check_groups(groups, model)
-    if name in EFFDET_LIGHT: train_and_eval_step(model, groups, size)
+    if name in EFFDET_LIGHT: train_and_eval_step(model, groups, size, n_classes=EFFDET_CLASSES)
     else:  # the rest (the heaviest included) at least predict on one tiny image
         model.eval()
         with torch.no_grad(): out = model(torch.rand(1, 3, size, size))
@@ -217,6 +221,8 @@ def test_pretrained_true_offline_fails_fast_with_help(tmp_path, monkeypatch):
         with pytest.raises(WeightsUnavailable, match="pass pretrained(_backbone)?='/path/to/"):
             build()
         assert time.time() - t < 30
+    with pytest.raises(WeightsUnavailable, match=r"state_dict\(\) as a \.pth file.*CLI: --pretrained PATH"):  # timm: a .pth works too
+        efficientdet.model(backbone='mnasnet_100', num_classes=NUM_CLASSES, pretrained_backbone=True)
 
 def test_saved_weights_rebuild_with_plain_torchvision(tmp_path):
     m = faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=NUM_CLASSES, img_size=160)

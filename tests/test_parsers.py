@@ -762,3 +762,332 @@ def test_classmap_pickle_round_trip(cm):
     cm2 = pickle.loads(pickle.dumps(cm))
     assert cm2 == cm and cm2.vocab == cm.vocab and cm2.background == cm.background
     assert [cm2.get_id(c) for c in cm.vocab] == list(range(len(cm)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. real-world data tried as a new user would (#17): malformed values, silent wrong results, VIA usability
+
+_COCO_OK = lambda: {'images': [{'id': 1, 'file_name': 'a.png', 'width': 32, 'height': 24}],
+                    'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [1, 2, 10, 10], 'area': 100, 'iscrowd': 0}],
+                    'categories': [{'id': 1, 'name': 'cat'}, {'id': 2, 'name': 'dog'}]}
+
+
+def _set(d, path, value):
+    *keys, last = path
+    for k in keys: d = d[k]
+    d[last] = value
+
+
+@pytest.mark.parametrize('path, value, msg', [
+    (('images', 0, 'file_name'), None, r"images\[0\]\['file_name'\] should be the image's file name .*, got None"),
+    (('images', 0, 'height'), None, r"images\[0\]\['height'\] should be a number of pixels .*, got None"),
+    (('images', 0, 'width'), [32], r"images\[0\]\['width'\] should be a number of pixels .*, got \[32\]"),
+    (('images', 0, 'id'), [1], r"images\[0\]\['id'\] should be an integer image id, got \[1\]"),
+    (('categories', 0, 'id'), None, r"categories\[0\]\['id'\] should be an integer category id, got None"),
+    (('categories', 0, 'id'), [1], r"categories\[0\]\['id'\] should be an integer category id, got \[1\]"),
+    (('categories', 1, 'id'), 'dog', r"'categories' mixes integer and text ids \(e.g. 1 and 'dog'\)"),
+    (('categories', 1, 'name'), None, r"categories\[1\]\['name'\] should be a class name .*, got None"),
+    (('annotations', 0, 'area'), {}, r"annotations\[0\] \(id 1\)\['area'\] should be the segment's area .*, got \{\}"),
+    (('annotations', 0, 'area'), '', r"annotations\[0\] \(id 1\)\['area'\] should be the segment's area .*, got ''"),
+    (('annotations', 0, 'category_id'), [1], r"annotations\[0\] \(id 1\)\['category_id'\] should be the id of a category .*, got \[1\]"),
+    (('annotations', 0, 'image_id'), [1], r"annotations\[0\] \(id 1\)\['image_id'\] should be the id of an image .*, got \[1\]"),
+    (('annotations', 0, 'iscrowd'), '0', r"annotations\[0\] \(id 1\)\['iscrowd'\] should be 0 or 1, got '0'"),
+    (('annotations', 0, 'bbox'), '1234', r"annotations\[0\] \(id 1\)\['bbox'\] should be 4 numbers, got '1234'"),
+    (('annotations', 0, 'bbox'), [1, 2, 10**400, 4], r"annotations\[0\] \(id 1\)\['bbox'\] should be 4 numbers, got \[1, 2, 1000"),
+])
+def test_coco_malformed_values(tmp_path, make_image, path, value, msg):
+    "Each wrong value is a ParseError naming the file, the element and the value (never a TypeError or KeyError)."
+    make_image('a.png')
+    d = _COCO_OK()
+    _set(d, path, value)
+    ann = tmp_path / 'annotations.json'
+    ann.write_text(json.dumps(d))
+    with pytest.raises(ParseError, match=re.escape(str(ann)) + ': ' + msg):
+        COCOParser(ann, tmp_path / 'images').parse()
+
+
+@pytest.mark.parametrize('seg, msg', [
+    ([[1, 2, None, 4, 5, 6]], r"\[0\] should be 6 numbers, got \[1, 2, None"),
+    ([[1, 2, 3, 4, 5, 6, 7]], r"\[0\] should be a polygon: x, y pairs"),
+    (['abc'], r"\[0\] should be a polygon: a list of x, y pixel coordinates, got 'abc'"),
+    ({'counts': '0000', 'size': [24, 32]}, r": the RLE runs cover 0 pixels, but its size 24x32 has 768"),
+    ({'counts': '\x7f\x7f', 'size': [24, 32]}, r"\['counts'\] should be a compressed COCO RLE string"),
+    ({'counts': [700, 'x'], 'size': [24, 32]}, r"\['counts'\] should be an RLE"),
+    ({'counts': [700, 60], 'size': [24, 32]}, r": the RLE runs cover 760 pixels, but its size 24x32 has 768"),
+    ({'counts': [768], 'size': [24.5, 32]}, r"\['size'\] should be \[height, width\]: two positive integers"),
+    ({'counts': [768], 'size': None}, r"\['size'\] should be 2 numbers, got None"),
+])
+def test_coco_malformed_segmentation(tmp_path, make_image, seg, msg):
+    "Polygons and RLEs are checked when read: a broken RLE would otherwise crash (or overrun) pycocotools when decoded."
+    make_image('a.png')
+    d = _COCO_OK()
+    d['annotations'][0]['segmentation'] = seg
+    ann = tmp_path / 'annotations.json'
+    ann.write_text(json.dumps(d))
+    with pytest.raises(ParseError, match=re.escape(str(ann)) + r": annotations\[0\] \(id 1\)\['segmentation'\]" + msg):
+        COCOParser(ann, tmp_path / 'images', masks=True).parse()
+
+
+def test_coco_duplicate_image_id(tmp_path, make_image):
+    "Two images with one id would both get the annotations of either: refused, naming the id and both files."
+    p = _coco(make_image, [{'id': 3, 'file_name': 'a.png'}, {'id': 3, 'file_name': 'b.png'}],
+              [{'id': 1, 'image_id': 3, 'category_id': 1, 'bbox': [1, 2, 10, 10]}])
+    with pytest.raises(ParseError, match=re.escape(str(p.annotations_file)) +
+                       r": image id 3 is used twice, by images\[0\] \('a.png'\) and images\[1\] \('b.png'\)"):
+        p.parse()
+
+
+def test_coco_duplicate_category_id(tmp_path, make_image):
+    "Today's parser kept the last name of a repeated category id: the other class silently vanished."
+    p = _coco(make_image, [{'id': 1, 'file_name': 'a.png'}], [], cats=[{'id': 1, 'name': 'cat'}, {'id': 1, 'name': 'dog'}])
+    with pytest.raises(ParseError, match=r"categories\[1\]: category id 1 is used twice, by 'cat' and 'dog'"):
+        p.parse()
+
+
+def test_coco_background_category_is_class_map_background(tmp_path, make_image):
+    "A category named 'background' (exports often have one, id 0) is the class map's id 0; its boxes are reported."
+    p = _coco(make_image, [{'id': 1, 'file_name': 'a.png'}],
+              [{'id': 1, 'image_id': 1, 'category_id': 0, 'bbox': [1, 2, 10, 10]},
+               {'id': 2, 'image_id': 1, 'category_id': 1, 'bbox': [1, 2, 10, 10]}],
+              cats=[{'id': 0, 'name': 'background'}, {'id': 1, 'name': 'cat'}])
+    (r,) = parse_fixing(p, unknown_class=1)
+    assert p.class_map.vocab == ['background', 'cat'] and p.class_map.source_ids == [1] and r.labels.tolist() == [1]
+
+
+def test_coco_rle_size_differs_from_image(tmp_path, make_image):
+    "An RLE drawn at another size than its image would be stretched onto it: the instance is dropped and reported."
+    from pycocotools import mask as mask_utils
+    m = np.zeros((32, 24), np.uint8)  # height and width swapped
+    m[4:10, 6:16] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    rle['counts'] = rle['counts'].decode()
+    good = mask_utils.encode(np.asfortranarray(m.T.copy()))
+    good['counts'] = good['counts'].decode()
+    anns = [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [6, 4, 10, 6], 'segmentation': rle, 'iscrowd': 1},
+            {'id': 2, 'image_id': 1, 'category_id': 1, 'bbox': [4, 6, 6, 10], 'segmentation': good, 'iscrowd': 1}]
+    p = _coco(make_image, [{'id': 1, 'file_name': 'a.png', 'width': 32, 'height': 24}], anns, masks=True)
+    (r,) = parse_fixing(p, mask_size_mismatch=1)
+    assert len(r) == 1 and r.iscrowd.tolist() == [True]
+    assert 'mask 24x32, image 32x24 (annotations[0]' in p.report.fixes['mask_size_mismatch'][0][1]
+    # without masks, and without a bbox, the box would come from the misplaced mask: dropped as well
+    for a in anns: del a['bbox']
+    p = _coco(make_image, [{'id': 1, 'file_name': 'a.png', 'width': 32, 'height': 24}], anns)
+    (r,) = parse_fixing(p, mask_size_mismatch=1)
+    np.testing.assert_allclose(r.boxes, [[4, 6, 10, 16]])
+
+
+def test_class_names_that_make_no_class_map(tmp_path, make_image):
+    p, txt = _yolo(make_image, '0 0.5 0.5 0.2 0.2\n', names=('cat', 'cat'))
+    with pytest.raises(ParseError, match=r"YOLOParser\(.*labels\): the class names cannot make a class map: .*duplicate class names \['cat'\]"):
+        p.parse()
+
+
+@pytest.mark.parametrize('fmt', ['csv', 'yolo'])
+def test_not_utf8_after_the_first_8kb(fmt, tmp_path, make_image):
+    "A latin-1 byte far into a file: a ParseError naming the file and line, not a bare UnicodeDecodeError."
+    if fmt == 'csv':
+        lines = ['filename,class,xmin,ymin,xmax,ymax'] + ['a.png,cat,1,2,10,12'] * 600 + ['a.png,caf\xe9,1,2,10,12']
+        p = _csv(make_image, '')
+        p.csv_file.write_bytes('\n'.join(lines).encode('latin-1'))
+        path, line = p.csv_file, 602
+    else:
+        p, path = _yolo(make_image, '')
+        path.write_bytes(('0 0.5 0.5 0.2 0.2\n' * 600 + '1 0.5 0.5 0.2 0.2 # caf\xe9\n').encode('latin-1'))
+        line = 601
+    assert path.stat().st_size > 8192
+    with pytest.raises(ParseError, match=re.escape(str(path)) + f": not a UTF-8 text file: line {line} has the byte b'\\\\xe9'"):
+        p.parse()
+
+
+def test_yolo_class_names_file_not_utf8(tmp_path, make_image):
+    (tmp_path / 'classes.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
+    with pytest.raises(ParseError, match=re.escape(str(tmp_path / 'classes.txt')) + ': not a UTF-8 text file: line 1'):
+        YOLOParser(tmp_path / 'images', tmp_path / 'labels', tmp_path / 'classes.txt')
+
+
+def test_yolo_two_images_with_one_stem(tmp_path, make_image):
+    "a.jpg and a.png would both take labels/a.txt: refused, naming both."
+    p, txt = _yolo(make_image, '0 0.5 0.5 0.2 0.2\n')
+    make_image('a.jpg', 'jpeg')
+    with pytest.raises(ParseError, match=r"images: a.jpg and a.png would both take the label file .*a.txt; "
+                                         r"YOLO pairs images and labels by name"):
+        p.parse()
+
+
+# --- VOC: the class-mask folder, mask values and the coordinate convention
+
+def test_voc_segmentation_class_folder_is_refused(samples, tmp_path):
+    "Class PNGs hold class ids, not instance indices: every mask would have been empty, with nothing reported."
+    voc = samples / 'voc'
+    with pytest.raises(ParseError, match=r'SegmentationClass: masks_dir is a SegmentationClass folder.*pass the instance masks folder, SegmentationObject'):
+        VOCParser(voc / 'Annotations', voc / 'JPEGImages', masks_dir=voc / 'SegmentationClass')
+    # the same PNG in a folder of another name: recognised by its values (VOC class ids 9 and 12 of chair and dog)
+    (tmp_path / 'masks').mkdir()
+    (tmp_path / 'masks' / '2007_000063.png').write_bytes((voc / 'SegmentationClass' / '2007_000063.png').read_bytes())
+    with pytest.raises(ParseError, match=r"masks: no mask PNG here holds one value per object .* 2007_000063.png: it has the values \[9, 12\] "
+                                         r"but 2007_000063.xml has 2 <object>s: they are the VOC class ids of \['chair', 'dog'\]"):
+        VOCParser(voc / 'Annotations', voc / 'JPEGImages', masks_dir=tmp_path / 'masks').parse()
+
+
+def _voc_with_mask(tmp_path, make_image, mask_values, n_objects=2, mode='P', size=(32, 24)):
+    make_image('a.png')
+    (tmp_path / 'ann').mkdir(exist_ok=True)
+    objs = ''.join('<object><name>cat</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>20</xmax><ymax>20</ymax></bndbox></object>'
+                   for _ in range(n_objects))
+    (tmp_path / 'ann' / 'a.xml').write_text(f'<annotation><filename>a.png</filename>{objs}</annotation>')
+    (tmp_path / 'obj').mkdir(exist_ok=True)
+    m = np.zeros(size[::-1], np.uint8)
+    for i, v in enumerate(mask_values): m[2 + 2*i:4 + 2*i, 2:10] = v
+    Image.fromarray(m if mode != 'RGB' else np.stack([m] * 3, -1)).convert(mode).save(tmp_path / 'obj' / 'a.png')
+    return VOCParser(tmp_path / 'ann', tmp_path / 'images', masks_dir=tmp_path / 'obj')
+
+
+def test_voc_mask_values(tmp_path, make_image):
+    # object 2 has no pixels: its mask would be empty; dropped and reported
+    (r,) = parse_fixing(p := _voc_with_mask(tmp_path, make_image, [1, 255]), missing_mask=1)
+    assert len(r) == 1 and "<object> 2 ('cat'): value 2 absent from a.png" in p.report.fixes['missing_mask'][0][1]
+    # an empty PNG for an image with objects: refused when it is all there is
+    with pytest.raises(ParseError, match=r'a.png: it holds no object \(all pixels 0 or 255\)'):
+        _voc_with_mask(tmp_path, make_image, []).parse()
+    # an RGB PNG is not a label image: reported as unreadable, not compared per channel
+    p = _voc_with_mask(tmp_path, make_image, [1, 2], mode='RGB')
+    assert parse_fixing(p, corrupt_image=1) == [] and 'mode RGB' in p.report.fixes['corrupt_image'][0][1]
+    # a mask PNG of another size than its image
+    p = _voc_with_mask(tmp_path, make_image, [1, 2], size=(64, 48))
+    (r,) = parse_fixing(p, mask_size_mismatch=2)
+    assert len(r) == 0
+
+
+def test_voc_mask_values_mixed_folder(tmp_path, make_image):
+    "One class-like PNG among instance PNGs: that image is skipped and reported, the others kept."
+    p = _voc_with_mask(tmp_path, make_image, [1, 2])
+    make_image('b.png')
+    (tmp_path / 'ann' / 'b.xml').write_text((tmp_path / 'ann' / 'a.xml').read_text().replace('a.png', 'b.png'))
+    m = np.zeros((24, 32), np.uint8); m[2:6, 2:6] = 15
+    Image.fromarray(m).save(tmp_path / 'obj' / 'b.png')
+    records = parse_fixing(p, missing_mask=1)
+    assert [r.filepath.name for r in records] == ['a.png']
+    assert 'values [15] of b.png are not objects of the XML (2 <object>s)' in p.report.fixes['missing_mask'][0][1]
+
+
+def test_voc_and_csv_coordinate_conventions(tmp_path, make_image):
+    "The same numbers give different boxes as VOC (1-based) and CSV (as written) by default; `one_based` switches either."
+    make_image('a.png')
+    (tmp_path / 'ann').mkdir()
+    (tmp_path / 'ann' / 'a.xml').write_text('<annotation><filename>a.png</filename><object><name>cat</name><bndbox><xmin>3</xmin>'
+                                            '<ymin>4</ymin><xmax>20</xmax><ymax>15</ymax></bndbox></object></annotation>')
+    (tmp_path / 'xyxy.csv').write_text('filename,class,xmin,ymin,xmax,ymax\na.png,cat,3,4,20,15\n')
+    (tmp_path / 'xywh.csv').write_text('filename,class,x,y,w,h\na.png,cat,3,4,18,12\n')  # 1-based inclusive: 3..20, 4..15
+    voc = lambda **kw: parse_clean(VOCParser(tmp_path / 'ann', tmp_path / 'images', **kw))[0].boxes
+    csv_ = lambda f, **kw: parse_clean(CSVParser(tmp_path / f, tmp_path / 'images', **kw))[0].boxes
+    np.testing.assert_allclose(voc(), [[2, 3, 20, 15]])
+    np.testing.assert_allclose(csv_('xyxy.csv'), [[3, 4, 20, 15]])
+    np.testing.assert_allclose(voc(one_based=False), csv_('xyxy.csv'))
+    np.testing.assert_allclose(csv_('xyxy.csv', one_based=True), voc())
+    np.testing.assert_allclose(csv_('xywh.csv', one_based=True), voc())
+    np.testing.assert_allclose(csv_('xywh.csv'), [[3, 4, 21, 16]])
+
+
+# --- VIA: malformed values, checkbox labels, single-class projects, several files
+
+def _via(tmp_path, entries, name='via.json', **kwargs):
+    path = tmp_path / name
+    path.write_text(json.dumps(entries))
+    return VIAParser(path, tmp_path / 'images', **kwargs)
+
+
+def _rect(x=1, y=2, w=9, h=10, **attrs):
+    return {'shape_attributes': {'name': 'rect', 'x': x, 'y': y, 'width': w, 'height': h}, 'region_attributes': attrs}
+
+
+@pytest.mark.parametrize('entry, msg', [
+    ({'filename': None, 'regions': []}, r"entry 'a.png1'\['filename'\] should be the image's file name .*, got None"),
+    ({'filename': 'a.png', 'regions': 'abc'}, r"entry 'a.png1'\['regions'\] should be a list of regions, got 'abc'"),
+    ({'filename': 'a.png', 'regions': ['abc']}, r"'a.png' region 0 should be a region: .*, got 'abc'"),
+    ({'filename': 'a.png', 'regions': [_rect(label=['cat'])]}, r"'a.png' region 0 attribute 'label' should be a class name.*, got \['cat'\]"),
+    ({'filename': 'a.png', 'regions': [_rect(label={'x': 1, 'y': 2})]}, r"'a.png' region 0 attribute 'label' should be a class name.*checkbox.*, got \{'x': 1"),
+    ({'filename': 'a.png', 'regions': [{'shape_attributes': ['rect'], 'region_attributes': {'label': 'cat'}}]}, None),
+    ({'filename': 'a.png', 'regions': [{'shape_attributes': {'name': 'rect', 'x': None, 'y': 1, 'width': 2, 'height': 2},
+                                        'region_attributes': {'label': 'cat'}}]}, r"'a.png' region 0\['x'\] should be 1 numbers, got \[None\]"),
+])
+def test_via_malformed_values(tmp_path, make_image, entry, msg):
+    make_image('a.png')
+    p = _via(tmp_path, {'a.png1': entry})
+    if msg is None:  # a shape that is not an object: reported as unsupported, not an AttributeError
+        parse_fixing(p, unsupported_shape=1)
+        return
+    with pytest.raises(ParseError, match=re.escape(str(p.annotations_file)) + ': ' + msg):
+        p.parse()
+
+
+def test_via_checkbox_label(tmp_path, make_image):
+    "A checkbox attribute gives the class of its one ticked option; several ticked is ambiguous: dropped and reported."
+    make_image('a.png')
+    p = _via(tmp_path, {'a.png1': {'filename': 'a.png', 'regions': [
+        _rect(label={'cat': True, 'dog': False}), _rect(label={'cat': True, 'dog': True}), _rect(label={'cat': False})]}})
+    (r,) = parse_fixing(p, ambiguous_label=1, missing_label=1)
+    assert p.class_map.classes == ['cat'] and len(r) == 1
+    assert "'label' has ['cat', 'dog'] ticked ('a.png' region 1)" in p.report.fixes['ambiguous_label'][0][1]
+
+
+def test_via_single_class_project(tmp_path, make_image):
+    "The balloon-style layout: regions without attributes. class_name= makes every region that class."
+    make_image('a.png')
+    make_image('b.png')
+    entries = {'a.png1': {'filename': 'a.png', 'regions': [_rect(), _rect(3, 3, 5, 5)]},
+               'b.png1': {'filename': 'b.png', 'regions': {'0': _rect()}}}  # VIA 1 dict
+    with pytest.raises(ParseError, match=re.escape(str(tmp_path / 'via.json')) + r": no region has the attribute 'label' \(the regions have no "
+                       r"attributes at all\); for a single-class project pass class_name='NAME' \(CLI: --class-name NAME\)$"):
+        _via(tmp_path, entries).parse()
+    p = _via(tmp_path, entries, class_name='balloon')
+    records = parse_clean(p)
+    assert p.class_map.classes == ['balloon'] and [len(r) for r in records] == [2, 1]
+    # attributes other than the label: listed in the message; with class_name= they are not read
+    entries['a.png1']['regions'][0]['region_attributes'] = {'type': 'red', 'size': {'big': True}}
+    with pytest.raises(ParseError, match=r"\(the attributes are \['size', 'type'\]\); .*--class-name NAME\), else label_attr= one of \['size', 'type'\]"):
+        _via(tmp_path, entries).parse()
+    assert len(parse_clean(_via(tmp_path, entries, class_name='balloon'))[0]) == 2
+    with pytest.raises(ValueError, match='pass label_attr= .* or class_name='):
+        _via(tmp_path, entries, label_attr=None)
+
+
+def test_via_several_files_and_a_folder(samples, tmp_path, make_image):
+    "A project saved in parts: a list of files or their folder; entries of one image merged, a repeated region kept once."
+    make_image('a.png')
+    make_image('b.png')
+    ann = tmp_path / 'ann'
+    ann.mkdir()
+    (ann / 'part1.json').write_text(json.dumps({'a.png1': {'filename': 'a.png', 'regions': [_rect(label='cat')]}}))
+    (ann / 'part2.json').write_text(json.dumps({'_via_img_metadata': {  # a project file
+        'a.png1': {'filename': 'a.png', 'regions': [_rect(label='cat'), _rect(3, 3, 5, 5, label='dog')]},
+        'b.png1': {'filename': 'b.png', 'regions': [_rect(label='dog')]}}}))
+    (ann / 'coco.json').write_text(json.dumps({'images': [], 'annotations': [], 'categories': []}))  # not VIA: left out
+    for arg in ([ann / 'part1.json', ann / 'part2.json'], ann):
+        p = VIAParser(arg, tmp_path / 'images')
+        records = by_name(parse_clean(p))
+        assert len(records['a.png']) == 2 and len(records['b.png']) == 1
+        np.testing.assert_allclose(records['a.png'].boxes, [[1, 2, 10, 12], [3, 3, 8, 8]])
+        assert p.report.source == 'VIAParser(part1.json, part2.json)'
+        assert str(p.report).startswith('VIAParser(part1.json, part2.json): 2 images, 3 boxes')
+    # errors name the file of the region
+    (ann / 'part3.json').write_text(json.dumps({'c.png1': {'filename': 'c.png', 'regions': [_rect(label=[1])]}}))
+    with pytest.raises(ParseError, match=re.escape(str(ann / 'part3.json')) + r": 'c.png' region 0 \(in part3.json\) attribute 'label'"):
+        VIAParser(ann, tmp_path / 'images').parse()
+    # a folder without VIA files; the samples' VIA folder holds its file and images
+    with pytest.raises(ParseError, match=re.escape(str(tmp_path / 'images')) + r': no VIA JSON export or project in this folder \(no .json file\)'):
+        VIAParser(tmp_path / 'images', tmp_path / 'images').parse()
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'coco.json').write_text('{"images": []}')
+    with pytest.raises(ParseError, match=r'other: no VIA JSON export or project in this folder \(looked at coco.json\)'):
+        VIAParser(tmp_path / 'other', tmp_path / 'images').parse()
+    p = VIAParser(samples / 'via', samples / 'via')
+    assert sum(len(r) for r in parse_clean(p)) == 10 and p.report.source == 'VIAParser(via_bbox.json)'
+
+
+def test_csv_class_name(tmp_path, make_image):
+    p = _csv(make_image, 'image,x,y,width,height\na.png,1,2,9,10\n', class_name='bottle')
+    (r,) = parse_clean(p)
+    assert p.class_map.classes == ['bottle'] and r.labels.tolist() == [1]
+    p = _csv(make_image, 'filename,class,xmin,ymin,xmax,ymax\na.png,cat,1,2,10,12\na.png,dog,1,2,10,12\n', class_name='animal')
+    (r,) = parse_clean(p)
+    assert p.class_map.classes == ['animal'] and len(r) == 2

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..backbones import download_weights, load_state_dict, load_weights, WeightsUnavailable, save_model
+from .core import fine_tune_recipe, split_params, FastaiEntry
 
 # %% auto #0
 __all__ = ['EFFDET_ALIASES', 'EFFDET_NAMES', 'TIMM_PRESETS', 'BASE_CONFIG', 'fastai', 'list_models', 'feature_indices',
@@ -68,7 +69,8 @@ def efficientdet_config(model_name:str=None, backbone:str=None, img_size=None, n
 
 # %% ../../nbs/07_models.efficientdet.ipynb #b5f16ade
 class EfficientDetModel(nn.Module):
-    "EfficientDet with torchvision's detector interface; normalization, yxyx boxes and anchors stay inside."
+    "EfficientDet with torchvision's detector interface and icefast's protocol; normalization, yxyx boxes and anchors stay inside."
+    loss_names, predicts_masks = ('class_loss', 'box_loss'), False
     def __init__(self, net):
         super().__init__()
         from effdet import DetBenchTrain
@@ -82,6 +84,14 @@ class EfficientDetModel(nn.Module):
     def net(self): return self.bench.model
     @property
     def config(self): return self.bench.model.config
+    @property
+    def num_classes(self) -> int: return self.config.num_classes + 1  # effdet counts no background
+    @property
+    def image_size(self) -> tuple: return tuple(self.config.image_size)  # fixed: the anchors are built for it
+    @property
+    def detection_points(self) -> int:
+        "Candidates kept before NMS: effdet's `max_detection_points`, at most anchors x classes (one class on a small image has fewer)."
+        return min(self.bench.max_detection_points, len(self.bench.anchors.boxes) * self.bench.num_classes)
 
     def _targets(self, targets, device):
         n = max([len(t['boxes']) for t in targets] + [1])
@@ -104,7 +114,7 @@ class EfficientDetModel(nn.Module):
         from effdet.bench import _post_process, _batch_detection
         b = self.bench
         c, bx, idx, cls = _post_process(class_out, box_out, num_levels=b.num_levels, num_classes=b.num_classes,
-                                        max_detection_points=b.max_detection_points)
+                                        max_detection_points=self.detection_points)
         det = _batch_detection(bs, c, bx, b.anchors.boxes, idx, cls, max_det_per_image=b.max_det_per_image, soft_nms=b.soft_nms)
         res = []
         for d in det:
@@ -127,7 +137,7 @@ class EfficientDetModel(nn.Module):
     def param_groups(self) -> list: return param_groups(self)
     def fine_tune_defaults(self, pretrained:bool) -> dict:
         "`learn.fine_tune`'s defaults for this detector, measured with ImageNet backbones (`bench/fine_tune_real.py`)."
-        return dict(base_lr=2e-3 if pretrained else 1e-3, freeze_epochs=0, lr_mult=1)  # every layer from the start
+        return fine_tune_recipe(pretrained)
 
 # %% ../../nbs/07_models.efficientdet.ipynb #74de708e
 def _timm_backbone_state(backbone:str, timeout:float=20.):
@@ -150,8 +160,8 @@ def _timm_backbone_state(backbone:str, timeout:float=20.):
     except Exception as e:
         where = f"the Hugging Face hub ({hub_id})" if hub_id else (getattr(cfg, 'url', None) or 'timm')
         raise WeightsUnavailable(f"could not get ImageNet weights for timm backbone {backbone} from {where} (not in the cache). "
-                                 f"Offline, download its model.safetensors elsewhere and pass pretrained_backbone='/path/to/model.safetensors', "
-                                 f"or build with pretrained_backbone=False. [{type(e).__name__}: {str(e)[:200]}]") from None
+                                 f"Offline, download its model.safetensors elsewhere (or save the timm model's state_dict() as a .pth file) and pass "
+                                 f"pretrained_backbone='/path/to/model.safetensors' (CLI: --pretrained PATH), or build with pretrained_backbone=False. [{type(e).__name__}: {str(e)[:200]}]") from None
     finally: socket.setdefaulttimeout(old)
 
 def model(
@@ -189,11 +199,9 @@ def model(
 # %% ../../nbs/07_models.efficientdet.ipynb #39bd3065
 def param_groups(model:EfficientDetModel) -> list:
     "Parameter groups of an `EfficientDetModel` for fastai's `freeze` and discriminative learning rates."
-    from icefast.models.rcnn import split_params
     net = model.net
     return [*split_params(list(net.backbone.parameters()), 2), list(net.fpn.parameters()),
             list(net.class_net.parameters()) + list(net.box_net.parameters())]
 
 # %% ../../nbs/07_models.efficientdet.ipynb #6a2ba0c4
-from .rcnn import FastaiEntry
 fastai = FastaiEntry() # `efficientdet.fastai.learner(dls, model)`

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/05_models.faster_rcnn.ipynb #a9706b64
 from __future__ import annotations
-from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size, FastaiEntry
+from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size
+from .core import FastaiEntry
 from ..backbones import save_model
 
 # %% auto #0

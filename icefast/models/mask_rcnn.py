@@ -4,7 +4,8 @@
 
 # %% ../../nbs/06_models.mask_rcnn.ipynb #959c8e1e
 from __future__ import annotations
-from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size, FastaiEntry
+from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size
+from .core import FastaiEntry
 from ..backbones import save_model
 
 # %% auto #0

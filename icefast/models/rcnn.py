@@ -8,10 +8,11 @@ from torch import nn
 import torchvision.models.detection as tvd
 
 from ..backbones import build_backbone, download_weights, load_state_dict, load_weights, list_backbones, WeightsUnavailable, save_model
+from .core import fine_tune_recipe, split_params, FastaiEntry
 
 # %% auto #0
 __all__ = ['DEFAULT_BACKBONE', 'rcnn_names', 'set_image_size', 'rcnn_losses_and_detections', 'FasterRCNNModel', 'MaskRCNNModel',
-           'build_rcnn', 'FastaiEntry', 'split_params', 'rcnn_param_groups']
+           'build_rcnn', 'rcnn_param_groups']
 
 # %% ../../nbs/04_models.rcnn.ipynb #eecb3c1c
 DEFAULT_BACKBONE = 'resnet_fpn.resnet50'
@@ -75,20 +76,34 @@ def rcnn_losses_and_detections(model, images, targets):
     return {**roi_losses, **rpn_losses}, model.transform.postprocess(dets, il.image_sizes, sizes)
 
 class _RCNNMixin:
-    "Adds to torchvision's R-CNNs: eval mode with targets gives (losses, detections) from one pass; `param_groups()`."
+    "torchvision's R-CNNs as icefast detectors (`models.core.Detector`): one-pass validation and the protocol's members."
+    predicts_masks = False
+    image_size = None  # any size: `set_image_size` turns torchvision's own resize off for the DataLoaders' size
     def forward(self, images, targets=None):
         if not self.training and targets is not None: return rcnn_losses_and_detections(self, images, targets)
         return super().forward(images, targets)
+    @property
+    def loss_names(self) -> tuple:
+        return ('loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg') + (('loss_mask',) if self.predicts_masks else ())
+    @property
+    def num_classes(self) -> int: return self.roi_heads.box_predictor.cls_score.out_features
+    def set_image_size(self, size): return set_image_size(self, size)
     def param_groups(self) -> list: return rcnn_param_groups(self)
     def fine_tune_defaults(self, pretrained:bool) -> dict:
         "`learn.fine_tune`'s defaults: EfficientDet's measured recipe, which is also torchvision's references' shape (no frozen epoch, one rate)."
-        return dict(base_lr=2e-3 if pretrained else 1e-3, freeze_epochs=0, lr_mult=1)
+        return fine_tune_recipe(pretrained)
+    def cpu_light(self, proposals:int=300, rois:int=64) -> str:
+        "CPU-sized sampling: `proposals` kept after NMS in training (torchvision: 2000) and `rois` sampled per image (512)."
+        self.rpn._pre_nms_top_n['training'], self.rpn._post_nms_top_n['training'] = proposals*2, proposals
+        self.roi_heads.fg_bg_sampler.batch_size_per_image = rois
+        return f"lighter R-CNN sampling ({proposals} proposals, {rois} RoIs per image; torchvision: 2000, 512)"
 
 class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
-    "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and `param_groups()`."
+    "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
 
 class MaskRCNNModel(_RCNNMixin, tvd.MaskRCNN):
-    "torchvision's `MaskRCNN` with one-pass validation (eval mode with targets) and `param_groups()`."
+    "torchvision's `MaskRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
+    predicts_masks = True
 
 _CLASSES = {'faster_rcnn': FasterRCNNModel, 'mask_rcnn': MaskRCNNModel}
 
@@ -148,23 +163,7 @@ def _load_detector(model, arch, name, pretrained):
                          "for backbone weights use pretrained_backbone= or backbones.<family>.<name>(pretrained=...)")
     load_weights(model, state, f"{arch} {name} ({'COCO' if pretrained is True else pretrained})")
 
-# %% ../../nbs/04_models.rcnn.ipynb #8d0c6386
-class FastaiEntry:
-    "The seed's `faster_rcnn.fastai.learner(dls, model, ...)`: a thin entry over icefast's one shared `detection_learner`."
-    def learner(self, dls, model, **kwargs):
-        "A fastai `Learner` for `model` on `dls` (see `icefast.learner.detection_learner`)."
-        from icefast.learner import detection_learner
-        return detection_learner(dls, model, **kwargs)
-
 # %% ../../nbs/04_models.rcnn.ipynb #f17868e9
-def split_params(params:list, n:int=2) -> list:
-    "Cut `params` (in module order: stem first) into `n` consecutive groups of about equal size."
-    total, groups, acc = sum(p.numel() for p in params), [[] for _ in range(n)], 0
-    for p in params:
-        groups[min(n - 1, int((acc + p.numel()/2) * n / max(total, 1)))].append(p)  # by where the tensor's middle falls
-        acc += p.numel()
-    return [g for g in groups if g]
-
 def rcnn_param_groups(model:nn.Module) -> list:
     "Parameter groups of a torchvision R-CNN: backbone (two halves), FPN if any, then RPN and RoI heads."
     bb = model.backbone
