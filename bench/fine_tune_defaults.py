@@ -13,7 +13,7 @@ from icefast.synthetic import make_shapes
 from icefast.parsers import COCOParser
 from icefast.data import dataloaders
 from icefast.learner import detection_learner
-from icefast.models import faster_rcnn, mask_rcnn, efficientdet
+from icefast.models import create_model, list_models, model_spec
 
 CONFIGS = {  # name: fine_tune keyword arguments
     'fastai stock (freeze 1, lr 2e-3, lr_mult 100)': dict(base_lr=2e-3, freeze_epochs=1, lr_mult=100),
@@ -22,9 +22,10 @@ CONFIGS = {  # name: fine_tune keyword arguments
     'no freeze, lr 4e-3': dict(base_lr=4e-3, freeze_epochs=0, lr_mult=1),
 }
 
+SMALL = {'efficientdet': 'mobilenetv3_large_100'}  # every other architecture: resnet18 FPN
+
 def build(arch, n_classes, size):
-    if arch == 'efficientdet': return efficientdet.model(backbone='mobilenetv3_large_100', num_classes=n_classes, img_size=size)
-    return (faster_rcnn if arch == 'faster_rcnn' else mask_rcnn).model(backbone='resnet_fpn.resnet18', num_classes=n_classes, img_size=size)
+    return create_model(arch, backbone=SMALL.get(arch, 'resnet_fpn.resnet18'), num_classes=n_classes, img_size=size)
 
 def sgd_loop(learn, epochs, lr, momentum=0.9, wd=1e-4, warmup_frac=0.1):
     "torchvision references' recipe: SGD with momentum, linear warmup from lr/1000, then cosine to zero, per step."
@@ -49,7 +50,7 @@ def sgd_loop(learn, epochs, lr, momentum=0.9, wd=1e-4, warmup_frac=0.1):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--arch', default='faster_rcnn', choices=['faster_rcnn', 'mask_rcnn', 'efficientdet'])
+    ap.add_argument('--arch', default='faster_rcnn', choices=list_models())
     ap.add_argument('--epochs', type=int, default=12, help='epochs of every run (fine_tune: freeze epochs count in)')
     ap.add_argument('--n-images', type=int, default=96)
     ap.add_argument('--size', type=int, default=128)
@@ -64,7 +65,7 @@ def main():
     ann, imgs = make_shapes(tmp, n_images=a.n_images, size=(a.size * 5 // 4, a.size), seed=a.seed)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        p = COCOParser(ann, imgs, masks=a.arch == 'mask_rcnn'); records = p.parse()
+        p = COCOParser(ann, imgs, masks=model_spec(a.arch).masks); records = p.parse()
     rows = []
     runs = [('sgd', None)] + list(CONFIGS.items())
     if a.only: runs = [(n, c) for n, c in runs if any(o in n for o in a.only)]

@@ -21,8 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCHS = ('faster_rcnn', 'mask_rcnn', 'efficientdet')
-DEFAULT_BACKBONES = {'faster_rcnn': 'resnet_fpn.resnet18', 'mask_rcnn': 'resnet_fpn.resnet18', 'efficientdet': 'mobilenetv3_small_100'}
+ARCHS = ('faster_rcnn', 'mask_rcnn', 'retinanet', 'fcos', 'efficientdet')
+DEFAULT_BACKBONES = {'faster_rcnn': 'resnet_fpn.resnet18', 'mask_rcnn': 'resnet_fpn.resnet18', 'retinanet': 'resnet_fpn.resnet18',
+                     'fcos': 'resnet_fpn.resnet18', 'efficientdet': 'mobilenetv3_small_100'}  # small ones, to time the learner
 
 
 def n_cpus() -> int:
@@ -70,24 +71,20 @@ def make_records(root:Path, n_images:int, args, seed:int=None):
     "A seeded shapes set (COCO JSON + JPEGs) under `root`, parsed with `COCOParser` (masks for Mask R-CNN): (records, class_map)."
     from icefast.synthetic import make_shapes
     from icefast.parsers import COCOParser
+    from icefast.models import model_spec
     ann, imgs = make_shapes(root, n_images=n_images, size=tuple(args.image_size), max_shapes=args.max_shapes,
                             seed=args.seed if seed is None else seed)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        parser = COCOParser(ann, imgs, masks=args.arch == 'mask_rcnn')
+        parser = COCOParser(ann, imgs, masks=model_spec(args.arch).masks)
         records = parser.parse()
     return records, parser.class_map
 
 
 def build_model(args, num_classes:int):
-    "The detector of `--arch`/`--backbone`, untrained (pretrained=False: nothing is downloaded)."
-    from icefast.models import faster_rcnn, mask_rcnn, efficientdet
-    if args.arch == 'efficientdet':
-        from icefast.models.efficientdet import EFFDET_NAMES
-        kw = dict(model_name=args.backbone) if args.backbone in EFFDET_NAMES else dict(backbone=args.backbone)
-        return efficientdet.model(num_classes=num_classes, img_size=args.size, **kw)
-    mod = faster_rcnn if args.arch == 'faster_rcnn' else mask_rcnn
-    return mod.model(backbone=args.backbone, num_classes=num_classes, img_size=args.size)
+    "The detector of `--arch`/`--backbone` from icefast's registry, untrained (pretrained=False: nothing is downloaded)."
+    from icefast.models import create_model
+    return create_model(args.arch, backbone=args.backbone, num_classes=num_classes, img_size=args.size)
 
 
 def model_settings(model) -> dict:

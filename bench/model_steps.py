@@ -11,19 +11,14 @@ import argparse, os, statistics, time, warnings
 os.environ.setdefault('KMP_BLOCKTIME', '0')
 import torch
 
-from icefast.models import faster_rcnn, mask_rcnn, efficientdet
-from icefast.models.efficientdet import EFFDET_NAMES, TIMM_PRESETS
+from icefast.models import create_model, list_models, model_spec
 
 def catalog():
-    for n in faster_rcnn.list_models(): yield 'faster_rcnn', n
-    for n in mask_rcnn.list_models(): yield 'mask_rcnn', n
-    for n in EFFDET_NAMES + TIMM_PRESETS: yield 'efficientdet', n
+    "Every registered architecture with every backbone it takes."
+    for arch in list_models():
+        for n in list_models(arch): yield arch, n
 
-def build(arch, name, size):
-    if arch == 'efficientdet':
-        kw = dict(backbone=name) if name in TIMM_PRESETS else dict(model_name=name)
-        return efficientdet.model(num_classes=3, img_size=size, **kw)
-    return (faster_rcnn if arch == 'faster_rcnn' else mask_rcnn).model(backbone=name, num_classes=3, img_size=size)
+def build(arch, name, size): return create_model(arch, backbone=name, num_classes=3, img_size=size)
 
 def batch(size, masks):
     boxes = torch.tensor([[30., 40., 200., 220.], [150., 100., 330., 300.]])
@@ -58,7 +53,7 @@ def main():
         if args.only and args.only not in name: continue
         size = 512 if name.endswith('d7x') else args.size
         m = build(arch, name, size)
-        s = step_seconds(m, size, arch == 'mask_rcnn', args.steps)
+        s = step_seconds(m, size, model_spec(arch).masks, args.steps)
         params = sum(p.numel() for p in m.parameters()) / 1e6
         print(f"{arch:13} {name + ('' if size == args.size else f' @{size}'):34} {params:10.1f} {s:7.2f} {s/base_s:10.2f}", flush=True)
     print(f"baseline: faster_rcnn resnet_fpn.resnet50 {base_s:.2f} s/step at {args.size} px, batch 2, "

@@ -14,8 +14,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['logger', 'resnet_fpn', 'resnet', 'mobilenet', 'vgg', 'WeightsUnavailable', 'load_state_dict', 'download_weights',
-           'LoadReport', 'load_weights', 'save_model', 'load_model', 'convert_efficientnet_checkpoint', 'BackboneSpec',
-           'register_backbone', 'build_backbone', 'list_backbones', 'BackboneFamily']
+           'LoadReport', 'load_weights', 'convert_efficientnet_checkpoint', 'BackboneSpec', 'register_backbone',
+           'build_backbone', 'list_backbones', 'BackboneFamily']
 
 # %% ../nbs/03_backbones.ipynb #6d9743f7
 logger = logging.getLogger('icefast.backbones')
@@ -82,46 +82,6 @@ def load_weights(module:nn.Module, state:dict, what:str, expected_unexpected=())
         warnings.warn(f"{what}: {rep}; missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}", stacklevel=3)
     return rep
 
-# %% ../nbs/03_backbones.ipynb #b6d448ec
-def save_model(model:nn.Module, path) -> None:
-    "Save `model`'s state dict with the config that rebuilds it (`icefast` key), to load with or without icefast."
-    cfg = dict(getattr(model, 'icefast_config', {}))
-    if hasattr(model, 'transform'): cfg.update(min_size=model.transform.min_size[0], max_size=model.transform.max_size)
-    cfg['frozen'] = [n for n, p in model.named_parameters() if not p.requires_grad]
-    torch.save({'state_dict': model.state_dict(), 'icefast': cfg}, path)
-
-def _rebuild(cfg:dict, state:dict) -> nn.Module:
-    "The architecture `cfg` (from `save_model`) describes, built without weights; batch-norm frozen where `state` says so."
-    if cfg['arch'] == 'efficientdet':
-        from icefast.models import efficientdet
-        return efficientdet.model(cfg['model_name'] or 'tf_efficientdet_lite0', num_classes=cfg['num_classes'],
-                                  img_size=cfg['img_size'], backbone=cfg['backbone'])
-    from icefast.models.rcnn import build_rcnn
-    name = cfg['backbone']
-    if name is None: raise ValueError("saved with a backbone module of your own: build the model as before, then load the 'state_dict'")
-    frozen_bn = not any(k.startswith('backbone.') and k.endswith('num_batches_tracked') for k in state)  # FrozenBatchNorm2d has none
-    backbone = name if name == 'resnet50_fpn_v2' else build_backbone(name, frozen_bn=frozen_bn)
-    model = build_rcnn(cfg['arch'], backbone=backbone, num_classes=cfg['num_classes'], **cfg.get('kwargs', {}))
-    model.transform.min_size, model.transform.max_size = (cfg['min_size'],), cfg['max_size']
-    return model
-
-def load_model(path) -> nn.Module:
-    "Rebuild a model saved by `save_model` as it was (batch-norm, frozen parameters, image size) and load its weights."
-    path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f"{path}: model file not found")
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f"{path}: not a PyTorch file ({type(e).__name__}: {e})") from None
-    cfg = ckpt.get('icefast') if isinstance(ckpt, dict) else None
-    if not cfg or 'arch' not in cfg:
-        raise ValueError(f"{path}: not written by save_model (no 'icefast' config); build the model and pass pretrained='{path}'")
-    try: model = _rebuild(cfg, ckpt['state_dict'])
-    except ValueError as e: raise ValueError(f"{path}: {e}") from None
-    try: model.load_state_dict(ckpt['state_dict'])
-    except RuntimeError as e: raise ValueError(f"{path}: the weights do not fit the {cfg['arch']} they say they are for: {e}") from None
-    for n, p in model.named_parameters(): p.requires_grad_(n not in cfg.get('frozen', ()))
-    model.icefast_pretrained = True  # trained weights: `fine_tune` uses the model's defaults for pretrained weights
-    return model
-
 # %% ../nbs/03_backbones.ipynb #101656bc
 _EFFNET_TOP = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
 _EFFNET_DS = {'_depthwise_conv': 'conv_dw', '_bn1': 'bn1', '_se_reduce': 'se.conv_reduce', '_se_expand': 'se.conv_expand',
@@ -170,9 +130,11 @@ def _freeze_all_but(module, prefixes):
 
 def _resnet_trainable(k): return (['layer4', 'layer3', 'layer2', 'layer1', 'conv1'][:k] + (['bn1'] if k == 5 else []))
 
-def _resnet_fpn(net, trainable, norm_layer):
+def _resnet_fpn(net, trainable, norm_layer, p6p7=False):
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    return _resnet_fpn_extractor(net, trainable)
+    if not p6p7: return _resnet_fpn_extractor(net, trainable)  # C2-C5 and a max-pooled P6: the R-CNNs' levels
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    return _resnet_fpn_extractor(net, trainable, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))  # RetinaNet's, FCOS's
 
 class _Body(nn.Sequential):
     "A single-feature-map backbone: the classifier's layers up to its last feature map."
@@ -241,12 +203,14 @@ def build_backbone(
     pretrained=False, # False, True (torchvision's ImageNet weights), or a path to a classifier or backbone state dict
     trainable_layers:int=None, # Stages to train, counted from the top; default: all, or torchvision's choice when pretrained
     frozen_bn:bool=None, # Frozen batch-norm (default: when pretrained); True also when whole-detector weights follow
+    p6p7:bool=False, # `resnet_fpn` only: C3-C5 with P6 and P7 from P5, the levels of RetinaNet and FCOS
 ) -> nn.Module:
     "Build a registered backbone, with weights from torchvision's enum, the cache or a file."
     import torchvision
     from torchvision.ops.misc import FrozenBatchNorm2d
     if name not in _REGISTRY: raise KeyError(f"unknown backbone {name!r}; known: {list_backbones()}")
     spec = _REGISTRY[name]
+    if p6p7 and spec.family != 'resnet_fpn': raise ValueError(f"p6p7 needs a resnet_fpn backbone, not {name}")
     use_weights = pretrained is not False and pretrained is not None
     as_pretrained = use_weights if frozen_bn is None else frozen_bn
     norm = FrozenBatchNorm2d if (as_pretrained and spec.frozen_bn) else nn.BatchNorm2d
@@ -261,7 +225,7 @@ def build_backbone(
     if trainable_layers is None: trainable_layers = spec.pretrained_trainable if as_pretrained else spec.max_trainable
     if not 0 <= trainable_layers <= spec.max_trainable:
         raise ValueError(f"trainable_layers for {name} must be in 0..{spec.max_trainable}, got {trainable_layers}")
-    backbone = spec.extract(net, trainable_layers, norm)
+    backbone = spec.extract(net, trainable_layers, norm, **({'p6p7': True} if p6p7 else {}))
     if backbone_state is not None: load_weights(backbone, backbone_state, f"backbone {name} ({pretrained})")
     backbone.icefast_name, backbone.icefast_fpn = name, spec.family == 'resnet_fpn' or name.endswith('_fpn')
     backbone.icefast_pretrained = use_weights  # read by `fine_tune` to choose its defaults

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FORMATS', 'DEFAULT_BACKBONES', 'DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'make_parser',
-           'report_dict', 'parse_data', 'split_records', 'resolve_pretrained', 'build_model', 'plot_curves', 'train',
-           'run_file', 'load_run', 'image_files', 'image_records', 'detect', 'draw_image', 'predict', 'metrics_table',
-           'evaluate', 'demo', 'build_argparser', 'main']
+__all__ = ['FORMATS', 'DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'make_parser', 'report_dict',
+           'parse_data', 'split_records', 'resolve_pretrained', 'build_model', 'plot_curves', 'train', 'run_file',
+           'load_run', 'image_files', 'image_records', 'detect', 'draw_image', 'predict', 'metrics_table', 'evaluate',
+           'demo', 'build_argparser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c2a0a0b2
 class CLIError(Exception):
@@ -198,48 +198,34 @@ def resolve_pretrained(value:str, arch:str, backbone:str):
     "`(pretrained, pretrained_backbone)` for a model builder from --pretrained true|false|PATH."
     v = str(value).strip()
     if v.lower() in ('false', 'no', 'none', '0', 'off'): return False, False
-    if v.lower() in ('true', 'yes', '1', 'on'):
-        if arch == 'efficientdet':
-            from icefast.models.efficientdet import EFFDET_NAMES, efficientdet_config
-            has_coco = backbone in EFFDET_NAMES and bool(efficientdet_config(backbone).url)
-        else:
-            from icefast.models.rcnn import _TORCHVISION_DETECTORS
-            has_coco = (arch, backbone) in _TORCHVISION_DETECTORS
-        return (True, False) if has_coco else (False, True)  # COCO detector weights where they exist, else ImageNet backbone
+    from icefast.models import model_spec
+    if v.lower() in ('true', 'yes', '1', 'on'):  # COCO detector weights where they exist, else ImageNet backbone weights
+        return (True, False) if model_spec(arch).has_coco(backbone) else (False, True)
     path = Path(v).expanduser()
     if not path.is_file(): raise CLIError(f"--pretrained {v}: not true, false or a weights file")
     from icefast.backbones import load_state_dict
     with _as_cli_error(f"--pretrained {v}", (ValueError,)): keys = list(load_state_dict(path))
-    marks = ('class_net.', 'box_net.') if arch == 'efficientdet' else ('rpn.', 'roi_heads.')
-    whole = any(m in k for k in keys for m in marks)
-    return (path, False) if whole else (False, path)
+    return (path, False) if model_spec(arch).is_detector_state(keys) else (False, path)
 
-DEFAULT_BACKBONES = {'faster_rcnn': 'resnet_fpn.resnet50', 'mask_rcnn': 'resnet_fpn.resnet50', 'efficientdet': 'tf_efficientdet_lite0'}
-
-def _efficientdet_which(efficientdet, backbone:str) -> dict:
-    return dict(model_name=backbone) if backbone in efficientdet.EFFDET_NAMES else dict(backbone=backbone)
+def _backbone(arch:str, backbone:str=None) -> str:
+    "`backbone`, or the registered default of `arch`."
+    from icefast.models import model_spec
+    return backbone or model_spec(arch).default_backbone
 
 def _check_model_args(arch:str, backbone:str, size:int):
-    "The backbone name and EfficientDet's size rule, checked before any data are read or written."
-    from icefast.models import efficientdet
-    from icefast.models.rcnn import rcnn_names
-    backbone = backbone or DEFAULT_BACKBONES[arch]
-    with _as_cli_error(f"{arch} {backbone}", (KeyError, ValueError)):
-        if arch == 'efficientdet': efficientdet.efficientdet_config(**_efficientdet_which(efficientdet, backbone), img_size=size)
-        elif backbone not in rcnn_names(arch): raise KeyError(f"unknown backbone {backbone!r} for {arch}; known: {rcnn_names(arch)}")
+    "The backbone name and size rules of `arch` (its registry entry), checked before any data are read or written."
+    from icefast.models import model_spec
+    with _as_cli_error(f"{arch} {_backbone(arch, backbone)}", (KeyError, ValueError)): model_spec(arch).validate(backbone, size)
 
 def build_model(arch:str, backbone:str, num_classes:int, size:int, pretrained='false'):
-    "A detector of `arch` on `backbone` (a registered name; for EfficientDet a model name or a timm backbone)."
-    from icefast.models import faster_rcnn, mask_rcnn, efficientdet
-    backbone = backbone or DEFAULT_BACKBONES[arch]
-    whole, bb = pretrained if isinstance(pretrained, tuple) else resolve_pretrained(pretrained, arch, backbone)
+    "A registered detector of `arch` on `backbone` (`icefast.models.create_model`), weights from --pretrained."
+    from icefast.models import create_model
     from icefast.backbones import WeightsUnavailable
+    backbone = _backbone(arch, backbone)
+    whole, bb = pretrained if isinstance(pretrained, tuple) else resolve_pretrained(pretrained, arch, backbone)
     try:
         with _as_cli_error(f"{arch} {backbone}", (KeyError, ValueError)):
-            if arch == 'efficientdet':
-                return efficientdet.model(**_efficientdet_which(efficientdet, backbone), num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
-            mod = {'faster_rcnn': faster_rcnn, 'mask_rcnn': mask_rcnn}[arch]
-            return mod.model(backbone=backbone, num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
+            return create_model(arch, backbone=backbone, num_classes=num_classes, img_size=size, pretrained=whole, pretrained_backbone=bb)
     except CLIError as e:
         if isinstance(e.__cause__, WeightsUnavailable): e.args = (f"{e} On the command line: --pretrained PATH, or --pretrained false.",)
         raise
@@ -336,10 +322,11 @@ def train(args, log=print) -> dict:
     if args.epochs < 1 or args.bs < 1: raise CLIError("--epochs and --bs must be at least 1")
     if args.size < 32: raise CLIError(f"--size {args.size}: at least 32 pixels")
     out = Path(args.out).expanduser()
-    weights = resolve_pretrained(args.pretrained, args.arch, args.backbone or DEFAULT_BACKBONES[args.arch])
+    weights = resolve_pretrained(args.pretrained, args.arch, _backbone(args.arch, args.backbone))
     _check_model_args(args.arch, args.backbone, args.size)
     if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
-    masks = args.arch == 'mask_rcnn'
+    from icefast.models import model_spec
+    masks = model_spec(args.arch).masks
     parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, **_class_name_kw(args))
     records = parse_data(parser, log)
     with _as_cli_error(f"--out {out}"): out.mkdir(parents=True, exist_ok=True)
@@ -400,7 +387,7 @@ def train(args, log=print) -> dict:
     _save_fig(learn.show_results(max_n=args.show, threshold=args.threshold), out/'results.png')
     best = max(run_log.rows, key=lambda r: r.get('mAP') or 0.)
     summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format, arch=args.arch,
-                   backbone=args.backbone or DEFAULT_BACKBONES[args.arch], pretrained=str(args.pretrained), size=args.size,
+                   backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
                    n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], seconds=round(time.time() - t0, 1),
                    files=['metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
@@ -660,11 +647,14 @@ def build_argparser() -> argparse.ArgumentParser:
                                          "curves.png (loss and mAP), results.png (ground truth against predictions on validation "
                                          "images), data_report.json/.txt (what the parser fixed), valid.txt (the validation images) and run.json."))
     _common(t)
-    t.add_argument('--arch', default='faster_rcnn', choices=list(DEFAULT_BACKBONES), help='architecture (default: faster_rcnn)')
+    from icefast.models import list_models, model_spec
+    archs = list_models()
+    t.add_argument('--arch', default='faster_rcnn', choices=archs, help='architecture, from the model registry (default: faster_rcnn)')
     t.add_argument('--backbone', default=None, metavar='NAME',
-                   help="R-CNN: a registered backbone, e.g. resnet_fpn.resnet18, mobilenet.mobilenet_v3_large_fpn "
-                        "(default resnet_fpn.resnet50); efficientdet: an EfficientDet name (default tf_efficientdet_lite0) "
-                        "or a timm backbone such as mobilenetv3_large_100")
+                   help="a backbone the architecture takes (icefast.models.list_models(ARCH)); defaults: "
+                        + ', '.join(f"{a} {model_spec(a).default_backbone}" for a in archs)
+                        + ". R-CNN: e.g. resnet_fpn.resnet18, mobilenet.mobilenet_v3_large_fpn; retinanet, fcos: resnet_fpn.*; "
+                          "efficientdet: an EfficientDet name or a timm backbone such as mobilenetv3_large_100")
     t.add_argument('--size', type=int, default=384, help='image size in pixels, letterboxed (default: 384; efficientdet: a multiple of 128)')
     t.add_argument('--epochs', type=int, default=10, help='epochs in all (default: 10; every layer trains from the first)')
     t.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')

@@ -19,6 +19,7 @@ from fasttransform import Transform, ItemTransform
 from PIL import Image, ImageOps
 
 from .core import ClassMap, Record, open_image, image_record, to_rgb
+from .parsers import Parser
 
 # %% auto #0
 __all__ = ['TensorInstanceMasks', 'LazyMasks', 'record_boxes', 'record_pixel_boxes', 'record_labels', 'record_masks',
@@ -406,3 +407,11 @@ def dataloaders(
     dls = DetectionDataLoaders(*dls.loaders, path=dls.path, device=dls.device)
     dls.class_map = class_map
     return dls
+
+# %% ../nbs/02_data.ipynb #2e275e5f
+def _parser_dataloaders(self:Parser, records=None, **kwargs):
+    "Parse (unless `records` are given) and make fastai `DataLoaders`; see `dataloaders`."
+    if records is None: records = self.parse()
+    return dataloaders(records, self.class_map, **kwargs)
+
+Parser.dataloaders = _parser_dataloaders

@@ -16,7 +16,7 @@ from fastai.callback.fp16 import MixedPrecision, AMPMode
 
 from .data import split_batch, letterbox_scale, Letterbox
 from .metrics import COCOEvaluator, detections_to_coco
-from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe
+from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe, register_learner
 
 # %% auto #0
 __all__ = ['FINE_TUNE_DEFAULTS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original', 'BatchTargets',
@@ -394,6 +394,7 @@ def _check_classes_and_masks(dls, model, class_map):
         raise ValueError(f"{type(model).__name__} predicts masks and needs them, and these DataLoaders have none: parse with "
                          "masks=True (and make the DataLoaders with masks), or use a box detector such as faster_rcnn")
 
+@register_learner
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
     model, # An icefast detector (`faster_rcnn.model`, `efficientdet.model`, ...) or any module with the `models.core.Detector` members

@@ -164,12 +164,6 @@ class Parser:
         self.report.emit()
         return records
 
-    def dataloaders(self, records=None, **kwargs):
-        "Parse (unless `records` are given) and make fastai `DataLoaders`; see `icefast.data.dataloaders`."
-        from icefast.data import dataloaders
-        if records is None: records = self.parse()
-        return dataloaders(records, self.class_map, **kwargs)
-
     def _image_size(self, ann):
         fp = Path(ann.filepath)
         try: found = fp.is_file()

@@ -498,3 +498,20 @@ def test_single_class_via_project_in_two_parts_trains_mask_rcnn(shapes, tmp_path
     learn = detection_learner(dls, mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(p.class_map)))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-6)
     assert p.report.n_images == 16 and p.report.n_boxes == sum(len(r) for r in p.parse()) > 0
+
+
+@pytest.mark.parametrize('arch', ['retinanet', 'fcos'])
+def test_train_predict_and_eval_the_registrys_new_architectures(arch, shapes, tmp_path, capsys):
+    "RetinaNet and FCOS joined through the registry alone: train, predict and eval work end to end on the demo's shapes."
+    out = tmp_path/'run'
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--arch', arch, '--size', '64', '--epochs', '1',
+                       *UNTRAINED, '--valid-pct', '0.25', '--out', out, *FAST)
+    assert code == 0, err
+    assert_run_folder(out, 1)
+    assert json.loads((out/'run.json').read_text())['arch'] == arch
+    code, _, err = run(capsys, 'predict', out, shapes/'images', '--out', tmp_path/'pred', '--threshold', 0)
+    assert code == 0, err
+    code, stdout, err = run(capsys, 'eval', out, '--data', shapes, '--format', 'coco', '--split', out/'valid.txt')
+    assert code == 0 and 'mAP50' in stdout, err
+    code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--arch', arch, '--backbone', 'vgg.vgg11', '--out', out)
+    assert_one_line_error(code, err, "unknown backbone 'vgg.vgg11'")

@@ -490,3 +490,15 @@ def test_efficientdet_with_one_class_at_its_smallest_size_validates_and_predicts
     preds, _ = learn.get_preds()
     assert len(preds) == 4
     learn.show_results(max_n=1)
+
+@pytest.mark.parametrize('arch', ['retinanet', 'fcos'])
+def test_single_stage_detectors_train_loss_falls_and_map50_rises(shapes, arch):
+    "RetinaNet and FCOS, joined through the registry, train with fine_tune's defaults (their own): losses fall, mAP50 rises."
+    from icefast.models import create_model
+    records, cm = shapes
+    set_seed(0, reproducible=True)
+    dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
+    learn = detection_learner(dls, create_model(arch, backbone='resnet_fpn.resnet18', num_classes=len(cm)))
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(6)
+    assert_learns(learn, min_gain=0.1, min_final=0.15)
+    assert set(learn.model.loss_names) <= set(learn.recorder.metric_names)

@@ -231,7 +231,7 @@ def test_saved_weights_rebuild_with_plain_torchvision(tmp_path):
     ckpt = torch.load(tmp_path/'model.pth', map_location='cpu')
     cfg = ckpt['icefast']
     backbone = resnet_fpn_backbone(backbone_name=cfg['backbone'].split('.')[1], weights=None, trainable_layers=5)
-    plain = tvd.FasterRCNN(backbone, num_classes=cfg['num_classes'], min_size=cfg['min_size'], max_size=cfg['max_size'])
+    plain = tvd.FasterRCNN(backbone, num_classes=cfg['num_classes'], min_size=min(cfg['img_size']), max_size=max(cfg['img_size']))
     res = plain.load_state_dict(ckpt['state_dict'], strict=False)
     assert not res.unexpected_keys and all(k.endswith('num_batches_tracked') for k in res.missing_keys)
     x = [torch.rand(3, 160, 160)]
@@ -250,7 +250,7 @@ def _same_model(a, b, x):
 @pytest.mark.parametrize('build', ['fine_tuned', 'scratch', 'mask_rcnn'])
 def test_load_model_rebuilds_rcnn_as_saved(build, tmp_path):
     "Frozen batch-norm and torchvision's frozen stages (a fine-tuned COCO model) or plain batch-norm (from scratch) come back."
-    from icefast.backbones import save_model, load_model
+    from icefast.models import save_model, load_model
     kw = dict(backbone='resnet_fpn.resnet18', num_classes=NUM_CLASSES, img_size=(96, 128))
     if build == 'fine_tuned':
         torch.save(faster_rcnn.model(**kw).state_dict(), tmp_path/'coco.pth')
@@ -268,13 +268,14 @@ def test_load_model_rebuilds_rcnn_as_saved(build, tmp_path):
     assert loaded.roi_heads.detections_per_img == m.roi_heads.detections_per_img
 
 def test_load_model_rebuilds_efficientdet(tmp_path):
-    from icefast.backbones import save_model, load_model
+    from icefast.models import save_model, load_model
     m = efficientdet.model(backbone='resnet18', num_classes=NUM_CLASSES, img_size=(128, 256))
     save_model(m, tmp_path/'model.pth')
     _same_model(m, load_model(tmp_path/'model.pth'), torch.rand(1, 3, 128, 256))
 
 def test_load_model_refuses_what_it_cannot_rebuild(tmp_path):
-    from icefast.backbones import save_model, load_model, build_backbone
+    from icefast.models import save_model, load_model
+    from icefast.backbones import build_backbone
     with pytest.raises(FileNotFoundError, match='none.pth: model file not found'): load_model(tmp_path/'none.pth')
     m = faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=NUM_CLASSES)
     torch.save(m.state_dict(), tmp_path/'plain.pth')
@@ -291,7 +292,7 @@ def test_saved_efficientdet_rebuilds_with_plain_effdet(tmp_path):
     efficientdet.save_model(m, tmp_path/'model.pth')
     ckpt = torch.load(tmp_path/'model.pth', map_location='cpu')
     cfg = ckpt['icefast']
-    net = create_model(cfg['model_name'], num_classes=cfg['num_classes'] - 1, image_size=cfg['img_size'],
+    net = create_model(cfg['backbone'], num_classes=cfg['num_classes'] - 1, image_size=cfg['img_size'],
                        pretrained=False, pretrained_backbone=False)
     net.load_state_dict({k[12:]: v for k, v in ckpt['state_dict'].items() if k.startswith('bench.model.')})
     x = torch.rand(1, 3, 256, 256)

@@ -4,11 +4,16 @@
 
 # %% ../../nbs/03a_models.core.ipynb #a25991a2
 from __future__ import annotations
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 from torch import nn
 
 # %% auto #0
-__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'Detector', 'fine_tune_recipe', 'split_params', 'FastaiEntry']
+__all__ = ['FINE_TUNE_LR', 'FINE_TUNE_LR_SCRATCH', 'Detector', 'fine_tune_recipe', 'split_params', 'ModelSpec', 'register_model',
+           'model_spec', 'list_models', 'create_model', 'save_model', 'load_model', 'load_detector_weights',
+           'register_learner', 'FastaiEntry']
 
 # %% ../../nbs/03a_models.core.ipynb #e1bbfd1d
 @runtime_checkable
@@ -37,10 +42,145 @@ def split_params(params:list, n:int=2) -> list:
         acc += p.numel()
     return [g for g in groups if g]
 
+# %% ../../nbs/03a_models.core.ipynb #9e68058e
+@dataclass
+class ModelSpec:
+    "One registered architecture: its builder and what `create_model`, `load_model` and the CLI need to know about it."
+    arch: str # Registry name, e.g. 'faster_rcnn'
+    build: callable # build(backbone=None, *, num_classes, img_size=None, pretrained=False, pretrained_backbone=False, **kwargs)
+    backbones: callable # () -> the backbone names it takes
+    default_backbone: str # The backbone of `backbone=None`
+    coco_backbones: callable # backbone name -> whether `pretrained=True` has whole-detector weights for it
+    detector_keys: tuple = () # Fragments of state-dict keys that only whole-detector weights have
+    masks: bool = False # Whether it predicts instance masks (and needs them in the data)
+    check: callable = None # (backbone, img_size) -> raises when the builder would refuse them (default: a known name)
+    def validate(self, backbone:str=None, img_size=None):
+        "Raise, before anything is built or read, when `backbone` (or `img_size`) would be refused."
+        backbone = backbone or self.default_backbone
+        if self.check is not None: return self.check(backbone, img_size)
+        if backbone not in self.backbones(): raise KeyError(f"unknown backbone {backbone!r} for {self.arch}; known: {list(self.backbones())}")
+    def has_coco(self, backbone:str=None) -> bool:
+        "Whether `pretrained=True` loads whole-detector weights for `backbone` (default: the default backbone)."
+        return bool(self.coco_backbones(backbone or self.default_backbone))
+    def is_detector_state(self, keys) -> bool:
+        "Whether state-dict `keys` are a whole detector's (heads included), not a backbone's."
+        return any(m in k for k in keys for m in self.detector_keys)
+
+_MODELS = {}
+
+def register_model(
+    arch:str, # The name `create_model` and `--arch` take
+    backbones, # () -> backbone names
+    default_backbone:str, # The backbone of `backbone=None`
+    coco_backbones=(), # Names (or a predicate) with whole-detector weights for `pretrained=True`
+    detector_keys=(), # Key fragments only whole-detector state dicts have
+    masks:bool=False, # Whether it predicts masks
+    check=None, # (backbone, img_size) -> raises for names or sizes the builder refuses (default: a known name)
+):
+    "Decorator: register a detector builder under `arch` (timm's `register_model`, for whole detectors)."
+    def deco(build):
+        has = coco_backbones if callable(coco_backbones) else (lambda b, names=tuple(coco_backbones): b in names)
+        _MODELS[arch] = ModelSpec(arch, build, backbones, default_backbone, has, tuple(detector_keys), masks, check)
+        return build
+    return deco
+
+def model_spec(arch:str) -> ModelSpec:
+    "The registered `ModelSpec` of `arch`."
+    if arch not in _MODELS: raise KeyError(f"unknown architecture {arch!r}; registered: {list_models()}")
+    return _MODELS[arch]
+
+def list_models(arch:str=None) -> list:
+    "The registered architectures, or with `arch` the backbone names it takes."
+    return sorted(_MODELS) if arch is None else list(model_spec(arch).backbones())
+
+def create_model(
+    arch:str, # A registered architecture (`list_models()`)
+    *,
+    backbone=None, # A name from `list_models(arch)` (or a backbone module where the builder takes one); None: its default
+    num_classes:int, # `len(class_map)`: the classes plus the background
+    img_size=None, # The DataLoaders' size (int or (h, w))
+    pretrained=False, # Whole-detector weights: True (COCO, where they exist) or a path
+    pretrained_backbone=False, # Backbone weights: True (ImageNet) or a path
+    **kwargs, # Passed to the architecture's builder
+) -> nn.Module:
+    "Build a registered detector: `create_model('faster_rcnn', backbone='resnet_fpn.resnet18', num_classes=3)`."
+    return model_spec(arch).build(backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained,
+                                  pretrained_backbone=pretrained_backbone, **kwargs)
+
+# %% ../../nbs/03a_models.core.ipynb #263bcd3a
+def save_model(model:nn.Module, path) -> None:
+    "Save `model`'s state dict with the config that rebuilds it (`icefast` key), to load with or without icefast."
+    import torch
+    cfg = dict(getattr(model, 'icefast_config', {}))
+    cfg['frozen'] = [n for n, p in model.named_parameters() if not p.requires_grad]
+    torch.save({'state_dict': model.state_dict(), 'icefast': cfg}, path)
+
+def _config_of(cfg:dict, state:dict) -> dict:
+    "`create_model` keywords from a saved config, files of earlier icefast versions included."
+    cfg = {k: v for k, v in cfg.items() if k != 'frozen'}
+    if 'model_name' in cfg: cfg['backbone'] = cfg.pop('model_name') or cfg.get('backbone')  # EfficientDet, before the registry
+    if 'min_size' in cfg: cfg['img_size'] = (cfg.pop('min_size'), cfg.pop('max_size'))  # torchvision's resize, before the registry
+    cfg.update(cfg.pop('kwargs', {}))
+    if 'frozen_bn' in inspect.signature(model_spec(cfg['arch']).build).parameters and 'frozen_bn' not in cfg:
+        cfg['frozen_bn'] = not any(k.startswith('backbone.') and k.endswith('num_batches_tracked') for k in state)  # none: frozen
+    return cfg
+
+def load_model(path) -> nn.Module:
+    "Rebuild a model saved by `save_model` as it was (batch-norm, frozen parameters, image size) and load its weights."
+    import torch
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"{path}: model file not found")
+    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise ValueError(f"{path}: not a PyTorch file ({type(e).__name__}: {e})") from None
+    cfg = ckpt.get('icefast') if isinstance(ckpt, dict) else None
+    if not cfg or 'arch' not in cfg:
+        raise ValueError(f"{path}: not written by save_model (no 'icefast' config); build the model and pass pretrained='{path}'")
+    kw = _config_of(cfg, ckpt['state_dict'])
+    if kw.get('backbone') is None:
+        raise ValueError(f"{path}: saved with a backbone module of your own: build the model as before, then load its 'state_dict'")
+    try: model = create_model(**kw)
+    except (KeyError, ValueError) as e: raise ValueError(f"{path}: {e}") from None
+    try: model.load_state_dict(ckpt['state_dict'])
+    except RuntimeError as e: raise ValueError(f"{path}: the weights do not fit the {cfg['arch']} they say they are for: {e}") from None
+    for n, p in model.named_parameters(): p.requires_grad_(n not in cfg.get('frozen', ()))
+    model.icefast_pretrained = True  # trained weights: `fine_tune` uses the model's defaults for pretrained weights
+    return model
+
+# %% ../../nbs/03a_models.core.ipynb #a064feb4
+def load_detector_weights(
+    model:nn.Module, # The detector, built without weights
+    pretrained, # True (the COCO weights of `torchvision_builder`) or a path to a state dict
+    what:str, # How messages name the model, e.g. 'retinanet resnet_fpn.resnet50'
+    torchvision_builder:str=None, # torchvision's builder with COCO weights for this backbone, if any
+    detector_keys=(), # Key fragments a whole-detector state dict has
+    with_weights=(), # The backbones that have COCO weights (for the message when this one has none)
+):
+    "Load whole-detector weights into `model`; shapes that differ (a head for other classes) keep their fresh init."
+    from icefast.backbones import download_weights, load_state_dict, load_weights, WeightsUnavailable
+    if pretrained is True:
+        if torchvision_builder is None:
+            raise WeightsUnavailable(f"torchvision has no COCO weights for {what}; those exist for {list(with_weights)}. Use "
+                                     "pretrained_backbone=True (or backbones.<family>.<name>(pretrained=True)) for ImageNet backbone weights.")
+        from torchvision.models import get_model_weights
+        state = download_weights(get_model_weights(torchvision_builder).DEFAULT.url, f"{what} (COCO)")
+    else: state = load_state_dict(pretrained)
+    if detector_keys and not any(m in k for k in state for m in detector_keys):
+        raise ValueError(f"{pretrained}: not a whole-detector state dict (no {' or '.join(detector_keys)} keys); "
+                         "for backbone weights use pretrained_backbone= or backbones.<family>.<name>(pretrained=...)")
+    load_weights(model, state, f"{what} ({'COCO' if pretrained is True else pretrained})")
+
 # %% ../../nbs/03a_models.core.ipynb #3313bf97
+_LEARNER = {}
+
+def register_learner(factory):
+    "Called by `icefast.learner` on import: `factory(dls, model, **kwargs)` makes the fastai `Learner` of any detector."
+    _LEARNER['factory'] = factory
+    return factory
+
 class FastaiEntry:
     "The seed's `<arch>.fastai.learner(dls, model, ...)`: a thin entry over icefast's one shared `detection_learner`."
     def learner(self, dls, model, **kwargs):
         "A fastai `Learner` for `model` on `dls` (see `icefast.learner.detection_learner`)."
-        from icefast.learner import detection_learner
-        return detection_learner(dls, model, **kwargs)
+        if 'factory' not in _LEARNER:
+            raise ImportError("the learner is not loaded: `import icefast.learner` (or `from icefast.all import *`) first")
+        return _LEARNER['factory'](dls, model, **kwargs)

@@ -9,12 +9,12 @@ import socket, warnings
 import torch
 from torch import nn
 
-from ..backbones import download_weights, load_state_dict, load_weights, WeightsUnavailable, save_model
-from .core import fine_tune_recipe, split_params, FastaiEntry
+from ..backbones import download_weights, load_state_dict, load_weights, WeightsUnavailable
+from .core import fine_tune_recipe, split_params, FastaiEntry, register_model, save_model
 
 # %% auto #0
 __all__ = ['EFFDET_ALIASES', 'EFFDET_NAMES', 'TIMM_PRESETS', 'BASE_CONFIG', 'fastai', 'list_models', 'feature_indices',
-           'efficientdet_config', 'EfficientDetModel', 'model', 'param_groups']
+           'efficientdet_config', 'EfficientDetModel', 'model', 'create', 'param_groups']
 
 # %% ../../nbs/07_models.efficientdet.ipynb #22ecb29e
 EFFDET_ALIASES = {'efficientdet_d6': 'tf_efficientdet_d6', 'efficientdet_d7': 'tf_efficientdet_d7',
@@ -166,6 +166,7 @@ def _timm_backbone_state(backbone:str, timeout:float=20.):
 
 def model(
     model_name:str='tf_efficientdet_lite0', # An EfficientDet name (see `list_models()`); ignored when `backbone` is given
+    *,
     num_classes:int=None, # `len(class_map)`: the classes plus the background
     img_size=None, # Image size (int or (h, w)), the DataLoaders' size; default the config's native size
     pretrained=False, # Whole-detector weights: True (effdet's COCO weights) or a path to an effdet/icefast state dict
@@ -192,9 +193,29 @@ def model(
         load_weights(net, state, f"{cfg.name} ({'COCO' if pretrained is True else pretrained})")
     m = EfficientDetModel(net)
     m.icefast_pretrained = pretrained not in (False, None) or pretrained_backbone not in (False, None)  # read by `fine_tune`
-    m.icefast_config = dict(arch='efficientdet', model_name=None if backbone else model_name, backbone=backbone,
-                            num_classes=num_classes, img_size=list(cfg.image_size))
+    m.icefast_config = dict(arch='efficientdet', backbone=backbone or model_name, num_classes=num_classes, img_size=list(cfg.image_size))
     return m
+
+def _has_coco(name:str) -> bool: return name in EFFDET_NAMES and bool(efficientdet_config(name).url)
+
+def _check(backbone:str, img_size=None):
+    "Refuse, before any data are read, a name that is neither an EfficientDet nor a timm backbone, or a size it cannot take."
+    efficientdet_config(**({'model_name': backbone} if backbone in EFFDET_NAMES else {'backbone': backbone}), img_size=img_size)
+
+@register_model('efficientdet', backbones=list_models, default_backbone='tf_efficientdet_lite0', coco_backbones=_has_coco,
+                detector_keys=('class_net.', 'box_net.'), check=_check)
+def create(
+    backbone:str=None, # An EfficientDet name (`tf_efficientdet_lite0`, `efficientdet_d0`, ...) or a timm backbone
+    *,
+    num_classes:int=None, # `len(class_map)`: the classes plus the background
+    img_size=None, # Image size (int or (h, w)), the DataLoaders' size; default the config's native size
+    pretrained=False, # Whole-detector weights: True (effdet's COCO weights) or a path
+    pretrained_backbone=False, # Backbone weights: True (timm's ImageNet weights) or a path
+) -> EfficientDetModel:
+    "The registry's EfficientDet: `create_model('efficientdet', backbone=...)` takes EfficientDet names and timm backbones alike."
+    name = backbone or 'tf_efficientdet_lite0'
+    which = dict(model_name=name) if name in EFFDET_NAMES else dict(backbone=name)
+    return model(**which, num_classes=num_classes, img_size=img_size, pretrained=pretrained, pretrained_backbone=pretrained_backbone)
 
 # %% ../../nbs/07_models.efficientdet.ipynb #39bd3065
 def param_groups(model:EfficientDetModel) -> list:

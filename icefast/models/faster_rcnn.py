@@ -4,28 +4,33 @@
 
 # %% ../../nbs/05_models.faster_rcnn.ipynb #a9706b64
 from __future__ import annotations
-from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size
-from .core import FastaiEntry
-from ..backbones import save_model
+from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size, _TORCHVISION_DETECTORS
+from .core import FastaiEntry, register_model, save_model
 
 # %% auto #0
-__all__ = ['param_groups', 'fastai', 'model', 'list_models']
+__all__ = ['param_groups', 'fastai', 'list_models', 'model']
 
 # %% ../../nbs/05_models.faster_rcnn.ipynb #4a1baa36
+def list_models() -> list:
+    "The backbone names Faster R-CNN takes."
+    return rcnn_names('faster_rcnn')
+
+@register_model('faster_rcnn', backbones=list_models, default_backbone='resnet_fpn.resnet50', detector_keys=('rpn.', 'roi_heads.'),
+                coco_backbones=[n for a, n in _TORCHVISION_DETECTORS if a == 'faster_rcnn'])
 def model(
     backbone=None, # A backbone from `icefast.backbones`, a registered name, 'resnet50_fpn_v2', or None for resnet50 FPN
+    *,
     num_classes:int=None, # `len(class_map)`: the classes plus the background
     pretrained=False, # Whole-detector weights: True (torchvision's COCO weights) or a path
     pretrained_backbone=False, # When `backbone` is a name: True (ImageNet) or a path
     img_size=None, # The DataLoaders' size, so torchvision does not resize again
+    trainable_layers:int=None, # Backbone stages to train when built here (default: torchvision's choice)
+    frozen_bn:bool=None, # Frozen batch-norm in a backbone built here (default: with pretrained weights)
     **kwargs, # Passed to torchvision's `FasterRCNN`
 ):
     "A Faster R-CNN: `faster_rcnn.model(backbone=backbones.resnet_fpn.resnet18(pretrained=True), num_classes=len(class_map))`."
-    return build_rcnn('faster_rcnn', backbone, num_classes, pretrained, pretrained_backbone, img_size, **kwargs)
-
-def list_models() -> list:
-    "The backbone names Faster R-CNN takes."
-    return rcnn_names('faster_rcnn')
+    return build_rcnn('faster_rcnn', backbone, num_classes=num_classes, pretrained=pretrained, pretrained_backbone=pretrained_backbone,
+                      img_size=img_size, trainable_layers=trainable_layers, frozen_bn=frozen_bn, **kwargs)
 
 param_groups = rcnn_param_groups
 fastai = FastaiEntry() # `fastai.learner(dls, model)`

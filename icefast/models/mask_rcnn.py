@@ -4,28 +4,33 @@
 
 # %% ../../nbs/06_models.mask_rcnn.ipynb #959c8e1e
 from __future__ import annotations
-from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size
-from .core import FastaiEntry
-from ..backbones import save_model
+from .rcnn import build_rcnn, rcnn_names, rcnn_param_groups, set_image_size, _TORCHVISION_DETECTORS
+from .core import FastaiEntry, register_model, save_model
 
 # %% auto #0
-__all__ = ['param_groups', 'fastai', 'model', 'list_models']
+__all__ = ['param_groups', 'fastai', 'list_models', 'model']
 
 # %% ../../nbs/06_models.mask_rcnn.ipynb #4184a0f2
+def list_models() -> list:
+    "The backbone names Mask R-CNN takes."
+    return rcnn_names('mask_rcnn')
+
+@register_model('mask_rcnn', backbones=list_models, default_backbone='resnet_fpn.resnet50', detector_keys=('rpn.', 'roi_heads.'),
+                coco_backbones=[n for a, n in _TORCHVISION_DETECTORS if a == 'mask_rcnn'], masks=True)
 def model(
     backbone=None, # A backbone from `icefast.backbones`, a registered name, 'resnet50_fpn_v2', or None for resnet50 FPN
+    *,
     num_classes:int=None, # `len(class_map)`: the classes plus the background
     pretrained=False, # Whole-detector weights: True (torchvision's COCO weights) or a path
     pretrained_backbone=False, # When `backbone` is a name: True (ImageNet) or a path
     img_size=None, # The DataLoaders' size, so torchvision does not resize again
+    trainable_layers:int=None, # Backbone stages to train when built here (default: torchvision's choice)
+    frozen_bn:bool=None, # Frozen batch-norm in a backbone built here (default: with pretrained weights)
     **kwargs, # Passed to torchvision's `MaskRCNN`
 ):
     "A Mask R-CNN: `mask_rcnn.model(backbone=backbones.resnet_fpn.resnet34(pretrained=False), num_classes=len(class_map))`."
-    return build_rcnn('mask_rcnn', backbone, num_classes, pretrained, pretrained_backbone, img_size, **kwargs)
-
-def list_models() -> list:
-    "The backbone names Mask R-CNN takes."
-    return rcnn_names('mask_rcnn')
+    return build_rcnn('mask_rcnn', backbone, num_classes=num_classes, pretrained=pretrained, pretrained_backbone=pretrained_backbone,
+                      img_size=img_size, trainable_layers=trainable_layers, frozen_bn=frozen_bn, **kwargs)
 
 param_groups = rcnn_param_groups
 fastai = FastaiEntry() # `fastai.learner(dls, model)`

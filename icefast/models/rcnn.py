@@ -7,12 +7,12 @@ from __future__ import annotations
 from torch import nn
 import torchvision.models.detection as tvd
 
-from ..backbones import build_backbone, download_weights, load_state_dict, load_weights, list_backbones, WeightsUnavailable, save_model
-from .core import fine_tune_recipe, split_params, FastaiEntry
+from ..backbones import build_backbone, download_weights, load_state_dict, load_weights, list_backbones
+from .core import fine_tune_recipe, split_params, load_detector_weights
 
 # %% auto #0
 __all__ = ['DEFAULT_BACKBONE', 'rcnn_names', 'set_image_size', 'rcnn_losses_and_detections', 'FasterRCNNModel', 'MaskRCNNModel',
-           'build_rcnn', 'rcnn_param_groups']
+           'torchvision_v2', 'build_rcnn', 'rcnn_param_groups']
 
 # %% ../../nbs/04_models.rcnn.ipynb #eecb3c1c
 DEFAULT_BACKBONE = 'resnet_fpn.resnet50'
@@ -50,9 +50,10 @@ def _anchors_and_pooler(backbone, arch):
     return kw
 
 def set_image_size(model:nn.Module, size) -> nn.Module:
-    "Make torchvision's internal resize a no-op for images of `size` (int or (h, w)), the DataLoaders' size."
-    s = (size, size) if isinstance(size, int) else tuple(size)
+    "Make a torchvision detector's internal resize a no-op for images of `size` (int or (h, w)), the DataLoaders' size."
+    s = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
     model.transform.min_size, model.transform.max_size = (min(s),), max(s)
+    if hasattr(model, 'icefast_config'): model.icefast_config['img_size'] = list(s)  # so that `load_model` rebuilds it so
     return model
 
 # %% ../../nbs/04_models.rcnn.ipynb #52f0937c
@@ -108,16 +109,26 @@ class MaskRCNNModel(_RCNNMixin, tvd.MaskRCNN):
 _CLASSES = {'faster_rcnn': FasterRCNNModel, 'mask_rcnn': MaskRCNNModel}
 
 # %% ../../nbs/04_models.rcnn.ipynb #8caf0ad6
-def _is_detector_state(state): return any(k.startswith(('rpn.', 'roi_heads.')) for k in state)
+def torchvision_v2(builder:str, num_classes:int, trainable_layers:int, whole:bool, pretrained_backbone, what:str, **kwargs) -> nn.Module:
+    "torchvision's own resnet50 FPN v2 detector `builder`, without weights; ImageNet backbone weights when asked."
+    model = getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=num_classes,
+                trainable_backbone_layers=trainable_layers if trainable_layers is not None else (3 if whole or pretrained_backbone else 5), **kwargs)
+    if pretrained_backbone is not False and pretrained_backbone is not None:
+        from torchvision.models import ResNet50_Weights
+        state = download_weights(ResNet50_Weights.IMAGENET1K_V1.url, 'backbone resnet50') if pretrained_backbone is True else load_state_dict(pretrained_backbone)
+        load_weights(model.backbone.body, state, f"{what} backbone", expected_unexpected=('fc.',))
+    return model
 
 def build_rcnn(
     arch:str, # 'faster_rcnn' or 'mask_rcnn'
     backbone=None, # A backbone module, a registered name, 'resnet50_fpn_v2', or None for resnet50 FPN
+    *,
     num_classes:int=None, # `len(class_map)`: the classes plus the background
     pretrained=False, # Whole-detector weights: True (torchvision's COCO weights) or a path to a state dict
     pretrained_backbone=False, # When `backbone` is a name: True (ImageNet) or a path to the classifier's state dict
     img_size=None, # The DataLoaders' size (int or (h, w)), so torchvision does not resize again; None keeps its 800/1333
     trainable_layers:int=None, # Backbone stages to train when built here (default: torchvision's choice)
+    frozen_bn:bool=None, # Frozen batch-norm in a backbone built here (default: with pretrained weights)
     **kwargs, # Passed to torchvision's `FasterRCNN`/`MaskRCNN` (e.g. rpn_post_nms_top_n_train, box_batch_size_per_image)
 ) -> nn.Module:
     "A torchvision Faster R-CNN or Mask R-CNN on a registered backbone, with weights from enums, caches or files."
@@ -128,40 +139,24 @@ def build_rcnn(
     if isinstance(backbone, str) and backbone not in rcnn_names(arch):
         raise KeyError(f"unknown backbone {backbone!r} for {arch}; known: {rcnn_names(arch)}")
     if name == 'resnet50_fpn_v2':
-        model = getattr(tvd, _TORCHVISION_DETECTORS[(arch, name)])(weights=None, weights_backbone=None, num_classes=num_classes,
-                    trainable_backbone_layers=trainable_layers if trainable_layers is not None else (3 if whole or pretrained_backbone else 5), **kwargs)
-        if pretrained_backbone is not False and pretrained_backbone is not None:
-            from torchvision.models import ResNet50_Weights
-            state = download_weights(ResNet50_Weights.IMAGENET1K_V1.url, 'backbone resnet50') if pretrained_backbone is True else load_state_dict(pretrained_backbone)
-            load_weights(model.backbone.body, state, f"{arch} {name} backbone", expected_unexpected=('fc.',))
+        model = torchvision_v2(_TORCHVISION_DETECTORS[(arch, name)], num_classes, trainable_layers, whole, pretrained_backbone, f"{arch} {name}", **kwargs)
     else:
         if not isinstance(backbone, nn.Module):
             # whole-detector weights come with frozen batch-norm and torchvision's trainable stages, as `pretrained=True` builds them
-            bb_weights = pretrained_backbone
-            backbone = build_backbone(name, pretrained=bb_weights, trainable_layers=trainable_layers, frozen_bn=whole or None)
+            backbone = build_backbone(name, pretrained=pretrained_backbone, trainable_layers=trainable_layers,
+                                      frozen_bn=(whole or None) if frozen_bn is None else frozen_bn)
         model = _CLASSES[arch](backbone, num_classes=num_classes, **{**_anchors_and_pooler(backbone, arch), **kwargs})
     model.__class__ = _CLASSES[arch]  # torchvision's own builders (v2) make the plain class
-    if whole: _load_detector(model, arch, name, pretrained)
+    if whole:
+        load_detector_weights(model, pretrained, f"{arch} {name}", _TORCHVISION_DETECTORS.get((arch, name)), ('rpn.', 'roi_heads.'),
+                              [n for a, n in _TORCHVISION_DETECTORS if a == arch])
+    model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, img_size=None,
+                                frozen_bn=any(type(m).__name__ == 'FrozenBatchNorm2d' for m in model.backbone.modules()),
+                                **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
     if img_size is not None: set_image_size(model, img_size)
     bb_pretrained = (pretrained_backbone not in (False, None)) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
     model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
-    model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, kwargs={k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
     return model
-
-def _load_detector(model, arch, name, pretrained):
-    if pretrained is True:
-        tv = _TORCHVISION_DETECTORS.get((arch, name))
-        if tv is None:
-            raise WeightsUnavailable(f"torchvision has no COCO weights for {arch} with backbone {name}; those exist for "
-                                     f"{[n for a, n in _TORCHVISION_DETECTORS if a == arch]}. Use pretrained_backbone=True "
-                                     "(or backbones.<family>.<name>(pretrained=True)) for ImageNet backbone weights.")
-        from torchvision.models import get_model_weights
-        state = download_weights(get_model_weights(tv).DEFAULT.url, f"{arch} {name} (COCO)")
-    else: state = load_state_dict(pretrained)
-    if not _is_detector_state(state):
-        raise ValueError(f"{pretrained}: not a whole-detector state dict (no rpn./roi_heads. keys); "
-                         "for backbone weights use pretrained_backbone= or backbones.<family>.<name>(pretrained=...)")
-    load_weights(model, state, f"{arch} {name} ({'COCO' if pretrained is True else pretrained})")
 
 # %% ../../nbs/04_models.rcnn.ipynb #f17868e9
 def rcnn_param_groups(model:nn.Module) -> list:
