@@ -3,6 +3,12 @@ import os, sys
 from pathlib import Path
 
 os.environ.setdefault('KMP_BLOCKTIME', '0')  # idle OpenMP threads must not spin (slow on few cores)
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # `pytest -n 2`: one thread per worker (and per notebook it starts); two single-threaded workers did 1.5x the work of
+    # one two-threaded process on 2 cores (small detectors barely use a second thread)
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
+    import torch
+    torch.set_num_threads(1)
 
 import numpy as np
 import pytest
@@ -83,3 +89,4 @@ def make_image(tmp_path):
         return write_image(tmp_path / folder / name, kind, size, **kwargs)
     _make.root = tmp_path
     return _make
+
