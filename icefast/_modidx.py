@@ -412,6 +412,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'icefast/models/rcnn.py'),
                                      'icefast.models.rcnn._n_maps': ('models.rcnn.html#_n_maps', 'icefast/models/rcnn.py'),
                                      'icefast.models.rcnn.build_rcnn': ('models.rcnn.html#build_rcnn', 'icefast/models/rcnn.py'),
+                                     'icefast.models.rcnn.finish_torchvision': ( 'models.rcnn.html#finish_torchvision',
+                                                                                 'icefast/models/rcnn.py'),
                                      'icefast.models.rcnn.rcnn_losses_and_detections': ( 'models.rcnn.html#rcnn_losses_and_detections',
                                                                                          'icefast/models/rcnn.py'),
                                      'icefast.models.rcnn.rcnn_names': ('models.rcnn.html#rcnn_names', 'icefast/models/rcnn.py'),

@@ -70,9 +70,10 @@ def _annotation_file(data:Path, exts:tuple, preferred:tuple=()) -> Path:
                    "pass the one to use as --data")
 
 def _images_of(ann:Path, images=None) -> Path:
-    "The image folder of annotation file `ann`: `images`, else images/ beside it, else its own folder."
+    "The image folder of annotation file (or folder of files) `ann`: `images`, else images/ beside it, else its own folder."
     if images is not None: return Path(images)
-    return ann.parent/'images' if (ann.parent/'images').is_dir() else ann.parent
+    folder = ann if ann.is_dir() else ann.parent
+    return folder/'images' if (folder/'images').is_dir() else folder
 
 def _subdir(root:Path, names:tuple, what:str, required:bool=True):
     "The first of `names` that is a folder in `root`."
@@ -118,7 +119,7 @@ def make_parser(
         return COCOParser(ann, _images_of(ann, images), masks=masks, **kw)
     if fmt == 'via':  # a folder may hold a project saved in several JSON parts: VIAParser reads them all
         ann = data if data.is_dir() else _annotation_file(data, ('.json',))
-        return VIAParser(ann, _images_of(ann if data.is_file() else data/'x.json', images), label_attr=label_attr, masks=masks, **kw)
+        return VIAParser(ann, _images_of(ann, images), label_attr=label_attr, masks=masks, **kw)
     if fmt == 'csv':
         if masks: raise CLIError("csv data has boxes only; Mask R-CNN needs masks (coco, voc with SegmentationObject/, via, yolo polygons)")
         ann = _annotation_file(data, ('.csv',))

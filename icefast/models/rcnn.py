@@ -12,7 +12,7 @@ from .core import fine_tune_recipe, split_params, load_detector_weights
 
 # %% auto #0
 __all__ = ['DEFAULT_BACKBONE', 'rcnn_names', 'set_image_size', 'rcnn_losses_and_detections', 'FasterRCNNModel', 'MaskRCNNModel',
-           'torchvision_v2', 'build_rcnn', 'rcnn_param_groups']
+           'torchvision_v2', 'finish_torchvision', 'build_rcnn', 'rcnn_param_groups']
 
 # %% ../../nbs/04_models.rcnn.ipynb #eecb3c1c
 DEFAULT_BACKBONE = 'resnet_fpn.resnet50'
@@ -119,6 +119,17 @@ def torchvision_v2(builder:str, num_classes:int, trainable_layers:int, whole:boo
         load_weights(model.backbone.body, state, f"{what} backbone", expected_unexpected=('fc.',))
     return model
 
+def finish_torchvision(model, arch:str, name:str, num_classes:int, img_size, whole:bool, pretrained_backbone, backbone, kwargs:dict):
+    "What every torchvision builder ends with: the config that rebuilds `model`, its image size, and whether it starts pretrained."
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, img_size=None,
+                                frozen_bn=any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules()),
+                                **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
+    if img_size is not None: set_image_size(model, img_size)
+    bb_pretrained = (pretrained_backbone not in (False, None)) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
+    model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
+    return model
+
 def build_rcnn(
     arch:str, # 'faster_rcnn' or 'mask_rcnn'
     backbone=None, # A backbone module, a registered name, 'resnet50_fpn_v2', or None for resnet50 FPN
@@ -150,13 +161,7 @@ def build_rcnn(
     if whole:
         load_detector_weights(model, pretrained, f"{arch} {name}", _TORCHVISION_DETECTORS.get((arch, name)), ('rpn.', 'roi_heads.'),
                               [n for a, n in _TORCHVISION_DETECTORS if a == arch])
-    model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, img_size=None,
-                                frozen_bn=any(type(m).__name__ == 'FrozenBatchNorm2d' for m in model.backbone.modules()),
-                                **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
-    if img_size is not None: set_image_size(model, img_size)
-    bb_pretrained = (pretrained_backbone not in (False, None)) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
-    model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
-    return model
+    return finish_torchvision(model, arch, name, num_classes, img_size, whole, pretrained_backbone, backbone, kwargs)
 
 # %% ../../nbs/04_models.rcnn.ipynb #f17868e9
 def rcnn_param_groups(model:nn.Module) -> list:

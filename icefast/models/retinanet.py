@@ -11,7 +11,7 @@ import torchvision.models.detection as tvd
 
 from ..backbones import build_backbone, list_backbones
 from .core import register_model, fine_tune_recipe, split_params, load_detector_weights, FastaiEntry
-from .rcnn import set_image_size, torchvision_v2
+from .rcnn import set_image_size, torchvision_v2, finish_torchvision
 
 # %% auto #0
 __all__ = ['fastai', 'dense_losses_and_detections', 'SingleStageMixin', 'RetinaNetModel', 'build_single_stage', 'list_models',
@@ -78,13 +78,7 @@ def build_single_stage(cls, arch:str, torchvision_builders:dict, names:list, bac
         model = cls(backbone, num_classes=num_classes, **kwargs)
     model.__class__ = cls  # torchvision's own builders (v2) make the plain class
     if whole: load_detector_weights(model, pretrained, f"{arch} {name}", torchvision_builders.get(name), ('head.',), list(torchvision_builders))
-    model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, img_size=None,
-                                frozen_bn=any(type(m).__name__ == 'FrozenBatchNorm2d' for m in model.backbone.modules()),
-                                **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
-    if img_size is not None: set_image_size(model, img_size)
-    bb_pretrained = pretrained_backbone not in (False, None) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
-    model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
-    return model
+    return finish_torchvision(model, arch, name, num_classes, img_size, whole, pretrained_backbone, backbone, kwargs)
 
 _TORCHVISION = {'resnet_fpn.resnet50': 'retinanet_resnet50_fpn', 'resnet50_fpn_v2': 'retinanet_resnet50_fpn_v2'}
 
