@@ -4,15 +4,15 @@
 
 # %% ../nbs/11_cli.ipynb #e5ad6cb3
 from __future__ import annotations
-import argparse, json, math, os, sys, time, warnings
+import argparse, json, os, sys, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
+from .parsers import DATA_LAYOUTS
 
 # %% auto #0
-__all__ = ['FORMATS', 'DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'make_parser', 'report_dict',
-           'parse_data', 'split_records', 'resolve_pretrained', 'build_model', 'plot_curves', 'train', 'run_file',
-           'load_run', 'image_files', 'image_records', 'detect', 'draw_image', 'predict', 'metrics_table', 'evaluate',
-           'demo', 'build_argparser', 'main']
+__all__ = ['DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'report_dict', 'parse_data', 'split_records',
+           'resolve_pretrained', 'build_model', 'train', 'run_file', 'load_run', 'image_files', 'image_records',
+           'predict', 'evaluate', 'demo', 'build_argparser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c2a0a0b2
 class CLIError(Exception):
@@ -44,95 +44,11 @@ def _as_cli_error(what:str, also=()):
         raise CLIError(f"{what}: {msg}" if what else msg) from e
 
 # %% ../nbs/11_cli.ipynb #f1c44767
-FORMATS = {
-    'coco': "a COCO JSON file, or a folder holding one (annotations.json, else its only *.json); "
-            "images in images/ beside the JSON, else beside it",
-    'voc': "a folder with Annotations/ (.xml files) and JPEGImages/ (or annotations/ and images/); "
-           "SegmentationObject/ holds the instance masks Mask R-CNN needs",
-    'via': "a VIA JSON export or project file, or a folder of them (a project saved in parts); images in images/ beside "
-           "them, else beside them; class names from the region attribute --label-attr (default 'label'), or --class-name "
-           "NAME for a single-class project whose regions have no attribute",
-    'csv': "a CSV file with a header and one row per box (filename,label,xmin,ymin,xmax,ymax or x,y,w,h; "
-           "rows with empty box fields are images without boxes), or a folder holding one; images as for coco",
-    'yolo': "a folder with images/ and labels/ (one <image stem>.txt per image, 'class cx cy w h' normalized) "
-            "and the class names in classes.txt (one per line) or data.yaml ('names:')",
-}
+def _data_parser(data, fmt:str, flag:str='--data', **kwargs):
+    "`icefast.parsers.parser_for` of `data` in format `fmt`, its refusals as `CLIError`s that name the option `flag`."
+    from icefast.parsers import parser_for
+    with _as_cli_error(flag, (ValueError,)): return parser_for(data, fmt, **kwargs)
 
-def _annotation_file(data:Path, exts:tuple, preferred:tuple=()) -> Path:
-    "`data` itself, or the annotation file in the folder `data`."
-    if data.is_file(): return data
-    for n in preferred:
-        if (data/n).is_file(): return data/n
-    found = sorted(f for f in data.iterdir() if f.is_file() and f.suffix.lower() in exts)
-    if len(found) == 1: return found[0]
-    if not found: raise CLIError(f"{data}: no {' or '.join(exts)} annotation file in this folder")
-    raise CLIError(f"{data}: {len(found)} {exts[0]} files in this folder ({', '.join(f.name for f in found[:4])}); "
-                   "pass the one to use as --data")
-
-def _images_of(ann:Path, images=None) -> Path:
-    "The image folder of annotation file (or folder of files) `ann`: `images`, else images/ beside it, else its own folder."
-    if images is not None: return Path(images)
-    folder = ann if ann.is_dir() else ann.parent
-    return folder/'images' if (folder/'images').is_dir() else folder
-
-def _subdir(root:Path, names:tuple, what:str, required:bool=True):
-    "The first of `names` that is a folder in `root`."
-    for n in names:
-        if (root/n).is_dir(): return root/n
-    if required: raise CLIError(f"{root}: no {what} folder (looked for {', '.join(n + '/' for n in names)})")
-
-def _yolo_names(root:Path, labels:Path) -> list:
-    "Class names of a YOLO set: classes.txt (in the set or its labels/) or the `names` of data.yaml."
-    for f in (root/'classes.txt', labels/'classes.txt', root/'obj.names'):
-        if f.is_file(): return [l.strip() for l in f.read_text().splitlines() if l.strip()]
-    for f in (root/'data.yaml', root/'dataset.yaml'):
-        if f.is_file():
-            import yaml
-            try: names = (yaml.safe_load(f.read_text()) or {}).get('names')
-            except yaml.YAMLError as e: raise CLIError(f"{f}: unreadable YAML ({str(e).splitlines()[0]})") from None
-            if isinstance(names, dict): names = [names[k] for k in sorted(names)]
-            if names: return [str(n) for n in names]
-            raise CLIError(f"{f}: no 'names:' list of class names")
-    raise CLIError(f"{root}: no class names for the YOLO labels: write classes.txt (one name per line, in class index order)")
-
-def make_parser(
-    data, # File or folder (see `FORMATS`)
-    fmt:str, # One of `FORMATS`
-    masks:bool=False, # Read instance masks (for Mask R-CNN)
-    images=None, # Image folder, for the formats with one annotation file
-    label_attr:str='label', # VIA: the region attribute with the class name
-    class_map=None, # Fixed classes (e.g. a trained model's); other classes are dropped and reported
-    class_name:str=None, # VIA, CSV: the one class of a single-class set whose regions (rows) name none
-):
-    "The icefast parser of `data` in format `fmt`, its files found by the layouts of `FORMATS`."
-    from icefast.parsers import COCOParser, VOCParser, VIAParser, CSVParser, YOLOParser
-    data = Path(data).expanduser()
-    if fmt not in FORMATS: raise CLIError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    if not data.exists(): raise CLIError(f"--data {data}: no such file or folder")
-    if fmt in ('voc', 'yolo') and not data.is_dir(): raise CLIError(f"--data {data}: {fmt} data is a folder ({FORMATS[fmt]})")
-    kw = dict(class_map=class_map)
-    if class_name is not None and fmt not in ('via', 'csv'):
-        raise CLIError(f"--class-name is for via and csv data without class labels; {fmt} data name their classes")
-    if class_name is not None: kw['class_name'] = class_name
-    if fmt == 'coco':
-        ann = _annotation_file(data, ('.json',), ('annotations.json',))
-        return COCOParser(ann, _images_of(ann, images), masks=masks, **kw)
-    if fmt == 'via':  # a folder may hold a project saved in several JSON parts: VIAParser reads them all
-        ann = data if data.is_dir() else _annotation_file(data, ('.json',))
-        return VIAParser(ann, _images_of(ann, images), label_attr=label_attr, masks=masks, **kw)
-    if fmt == 'csv':
-        if masks: raise CLIError("csv data has boxes only; Mask R-CNN needs masks (coco, voc with SegmentationObject/, via, yolo polygons)")
-        ann = _annotation_file(data, ('.csv',))
-        return CSVParser(ann, _images_of(ann, images), **kw)
-    if fmt == 'voc':
-        ann_dir = _subdir(data, ('Annotations', 'annotations'), 'annotations')
-        img_dir = Path(images) if images else _subdir(data, ('JPEGImages', 'images', 'Images'), 'images')
-        masks_dir = _subdir(data, ('SegmentationObject',), 'instance masks') if masks else None
-        return VOCParser(ann_dir, img_dir, masks_dir, **kw)
-    img_dir = Path(images) if images else _subdir(data, ('images',), 'images')
-    labels = _subdir(data, ('labels',), 'labels')
-    names = class_map.classes if class_map is not None else _yolo_names(data, labels)
-    return YOLOParser(img_dir, labels, names, masks=masks, **kw)
 
 # %% ../nbs/11_cli.ipynb #b971a0cb
 def report_dict(report) -> dict:
@@ -179,14 +95,14 @@ def split_records(records:list, valid_pct:float=0.2, split=None, seed:int=42) ->
     return records, IdSplitter(valid)
 
 def _class_name_kw(args) -> dict:
-    "`class_name=` for `make_parser` when `--class-name` was given."
+    "`class_name=` for `parser_for` when `--class-name` was given."
     name = getattr(args, 'class_name', None)
     return {} if name is None else {'class_name': name}
 
 def _with_valid_data(args, parser, records:list, masks:bool, out:Path, log=print) -> tuple:
     "`(records, splitter)` with the validation set read from `--valid-data` (same format, the training set's classes)."
     from icefast.data import RecordsSplitter
-    vparser = make_parser(args.valid_data, args.format, masks=masks, images=args.images, label_attr=args.label_attr,
+    vparser = _data_parser(args.valid_data, args.format, '--valid-data', masks=masks, images=args.images, label_attr=args.label_attr,
                           class_map=parser.class_map, **_class_name_kw(args))
     valid = parse_data(vparser, log)
     with open(out/'data_report.txt', 'a') as f: f.write('\n--valid-data:\n' + vparser.report.summary(max_files=20) + '\n')
@@ -232,38 +148,6 @@ def build_model(arch:str, backbone:str, num_classes:int, size:int, pretrained='f
         raise
 
 # %% ../nbs/11_cli.ipynb #3dfab5ec
-def _number(v):
-    try: v = float(v)
-    except (TypeError, ValueError): return None
-    return v if math.isfinite(v) else None
-
-def _run_log_callback():
-    "fastai's `Callback` base, imported only when a run starts."
-    from fastai.callback.core import Callback
-    from fastai.learner import Recorder
-
-    class RunLog(Callback):
-        "Rows of epoch, losses and metrics across fits, written to `folder/metrics.csv` and `.json` after each epoch."
-        order = Recorder.order + 1
-        def __init__(self, folder): self.folder, self.rows, self.batches, self._t = Path(folder), [], [], None
-        def before_epoch(self): self._t = time.perf_counter()
-        def after_batch(self):
-            if self.training: self.batches.append(float(self.learn.smooth_loss))
-        def after_epoch(self):
-            names, log = self.recorder.metric_names, self.recorder.log
-            row = {'epoch': len(self.rows)}
-            row.update({n: _number(v) for n, v in zip(names[1:-1], log[1:-1])})
-            row['seconds'] = round(time.perf_counter() - self._t, 2)
-            self.rows.append(row)
-            self.write()
-        def write(self):
-            import csv
-            cols = list(dict.fromkeys(k for r in self.rows for k in r))
-            with open(self.folder/'metrics.csv', 'w', newline='') as f:
-                w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
-            (self.folder/'metrics.json').write_text(json.dumps(self.rows, indent=1))
-    return RunLog
-
 @contextmanager
 def _plain_progress(learn, log, bars:bool=False, every:float=None):
     "Unless `bars`: no bars (their redraws fill log files), a plain line per epoch, and with `every` a `ProgressLines` line at most that often."
@@ -280,21 +164,6 @@ def _plain_progress(learn, log, bars:bool=False, every:float=None):
         learn.logger = logger
         try: yield
         finally: learn.logger = old
-
-def plot_curves(rows:list, batch_losses:list, fname):
-    "Loss (training per batch, validation per epoch) and the COCO mAPs per epoch, side by side, saved as `fname`."
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    n = max(len(rows), 1)
-    if batch_losses:
-        per = len(batch_losses) / n
-        a.plot([(i + 1) / per for i in range(len(batch_losses))], batch_losses, label='train (smoothed, per batch)', alpha=0.8)
-    a.plot([r['epoch'] + 1 for r in rows], [r.get('valid_loss') for r in rows], 'o-', label='valid')
-    a.set(xlabel='epoch', ylabel='loss', title='loss'); a.legend()
-    for k in ('mAP', 'mAP50', 'mAP75', 'mask_mAP', 'mask_mAP50'):
-        if any(k in r for r in rows): b.plot([r['epoch'] + 1 for r in rows], [r.get(k) for r in rows], 'o-', label=k)
-    b.set(xlabel='epoch', ylabel='COCO AP', title='validation metrics', ylim=(0, 1)); b.legend()
-    fig.tight_layout(); fig.savefig(fname, dpi=90); plt.close(fig)
 
 def _save_fig(fig, fname):
     import matplotlib.pyplot as plt
@@ -328,7 +197,7 @@ def train(args, log=print) -> dict:
     if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
     from icefast.models import model_spec
     masks = model_spec(args.arch).masks
-    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, **_class_name_kw(args))
+    parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, **_class_name_kw(args))
     records = parse_data(parser, log)
     with _as_cli_error(f"--out {out}"): out.mkdir(parents=True, exist_ok=True)
     rep = parser.report
@@ -341,7 +210,7 @@ def train(args, log=print) -> dict:
     from fastai.torch_core import set_seed
     from fastai.callback.tracker import SaveModelCallback
     from icefast.data import dataloaders
-    from icefast.learner import detection_learner, NonFiniteLoss
+    from icefast.learner import detection_learner, NonFiniteLoss, RunLog, plot_lr_find
     set_seed(args.seed)
     device = _device(args.device)
     cm = parser.class_map
@@ -360,7 +229,6 @@ def train(args, log=print) -> dict:
     if isinstance(weights[0], Path): log(f"icefast: --pretrained {weights[0]}: read as whole-detector weights")
     if isinstance(weights[1], Path): log(f"icefast: --pretrained {weights[1]}: read as backbone weights (no detector heads in it)")
     model = build_model(args.arch, args.backbone, len(cm), args.size, weights)
-    RunLog = _run_log_callback()
     run_log, saver = RunLog(out), SaveModelCallback(monitor='mAP', fname='best', reset_on_fit=False)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
@@ -369,7 +237,7 @@ def train(args, log=print) -> dict:
             with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
                 sug = learn.lr_find(num_it=getattr(args, 'lr_find_steps', 100), show_plot=False)
             lr = float(sug.valley)
-            _save_fig(_lr_find_fig(learn), out/'lr_find.png')  # fastai's plot_lr_find returns no figure
+            plot_lr_find(learn, out/'lr_find.png')
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
         learn.add_cbs([run_log, saver])
         try:
@@ -377,16 +245,16 @@ def train(args, log=print) -> dict:
                 learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
         except NonFiniteLoss as e:
             best = out/'models'/'best.pth'
-            kept = (f"; {best} holds the best epoch before it (mAP {max(r.get('mAP') or 0. for r in run_log.rows):.3f})"
+            kept = (f"; {best} holds the best epoch before it (mAP {run_log.best().get('mAP') or 0.:.3f})"
                     if best.is_file() and run_log.rows else '')
             why = str(e).split('\n\t')[-1]  # without fastai's "Exception occured in ..." prefix
             raise TrainingError(f"{why} Nothing was exported as the run's model (no model.pkl){kept}.") from e
         except OSError as e: raise CLIError(str(e)) from e
     learn.remove_cbs([run_log, saver])
     learn.export('model.pkl')
-    plot_curves(run_log.rows, run_log.batches, out/'curves.png')
+    run_log.plot(out/'curves.png')
     _save_fig(learn.show_results(max_n=args.show, threshold=args.threshold), out/'results.png')
-    best = max(run_log.rows, key=lambda r: r.get('mAP') or 0.)
+    best = run_log.best('mAP')
     summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format, arch=args.arch,
                    backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
@@ -398,14 +266,7 @@ def train(args, log=print) -> dict:
         f"{summary['seconds']:.0f} s; written to {out}")
     return summary
 
-def _lr_find_fig(learn):
-    "The loss against the learning rate of the last `lr_find`, as a figure."
-    import matplotlib.pyplot as plt
-    rec = learn.recorder
-    fig, ax = plt.subplots(figsize=(6, 4))
-    n = max(1, len(rec.losses) - 5)
-    ax.plot(rec.lrs[:n], [float(l) for l in rec.losses[:n]]); ax.set(xscale='log', xlabel='learning rate', ylabel='loss')
-    return fig
+
 
 # %% ../nbs/11_cli.ipynb #f426b1b3
 def run_file(path) -> Path:
@@ -441,10 +302,10 @@ def image_files(paths) -> list:
     return files
 
 def _image_id(f:Path, known:dict):
-    "The image id of file `f`: the data set's (by path, then name), else its number, else its stem."
+    "The image id of file `f`: the data set's (by path, then name), else its stem (as `icefast.core.image_record` gives it)."
     for k in (str(f.resolve()), f.name):
         if k in known: return known[k]
-    return int(f.stem) if f.stem.isdigit() else f.stem
+    return f.stem
 
 def image_records(files:list, known:dict=None) -> list:
     "`Record`s without boxes of image `files`, verified readable, ids from `known` (path or name to id)."
@@ -458,50 +319,25 @@ def image_records(files:list, known:dict=None) -> list:
     if len(set(ids)) != len(ids): raise CLIError("two images have the same id (the same file name twice?); predict them separately")
     return recs
 
-def detect(learn, records:list, bs:int=8) -> list:
-    "Detections of `records`' images in their original pixels (all scores)."
-    dl = learn.dls.test_dl(records, bs=bs)
-    with _as_cli_error(''): preds, _ = learn.get_preds(dl=dl)
+def _detections(learn, records:list, bs:int=8) -> list:
+    "`learn.get_preds` of `records`' images: detections in their original pixels (all scores)."
+    with _as_cli_error(''): preds, _ = learn.get_preds(dl=learn.dls.test_dl(records, bs=bs))
     return preds
 
 def _keep(det:dict, threshold:float) -> dict:
     keep = det['scores'] >= threshold
     return {k: v[keep].numpy() for k, v in det.items()}
 
-def draw_image(path, det:dict, class_map, max_side:int=1024):
-    "The image at `path` with `det` (numpy boxes in its pixels, labels, scores, masks) drawn, at most `max_side` pixels."
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-    from icefast.core import open_image
-    img = open_image(path)
-    palette = [(255, 215, 0), (0, 200, 255), (255, 80, 160), (120, 255, 80), (255, 140, 0), (170, 120, 255)]
-    color = lambda l: palette[int(l) % len(palette)]
-    if det.get('masks') is not None and len(det['masks']):
-        a = np.asarray(img).astype(np.float32)
-        for m, l in zip(det['masks'], det['labels']): a[m > 0] = 0.55*a[m > 0] + 0.45*np.array(color(l))
-        img = Image.fromarray(a.astype(np.uint8))
-    s = min(1., max_side / max(img.size))
-    if s < 1: img = img.resize((round(img.width*s), round(img.height*s)), Image.BILINEAR)
-    d, lw = ImageDraw.Draw(img), max(2, round(max(img.size) / 300))
-    font = ImageFont.load_default(size=max(10, round(max(img.size) / 50)))
-    for b, l, sc in zip(det['boxes'] * s, det['labels'], det['scores']):
-        d.rectangle([float(v) for v in b], outline=color(l), width=lw)
-        text = f"{class_map.get_name(int(l))} {float(sc):.2f}"
-        x0, y0, x1, y1 = d.textbbox((float(b[0]), float(b[1])), text, font=font)
-        y = max(0, float(b[1]) - (y1 - y0) - 2)
-        d.rectangle([x0, y, x1 + 2, y + (y1 - y0) + 2], fill=color(l))
-        d.text((x0 + 1, y), text, fill=(0, 0, 0), font=font)
-    return img
-
 def predict(args, log=print) -> dict:
     "Run `icefast predict` with parsed `args`."
     from icefast.metrics import detections_to_coco
+    from icefast.learner import render_detections
     run_file(args.run)  # fail fast, before reading the images
     files = image_files(args.images)
     known = {}
     if args.data:
         if not args.format: raise CLIError("--data needs --format")
-        parser = make_parser(args.data, args.format, images=args.data_images, label_attr=args.label_attr, **_class_name_kw(args))
+        parser = _data_parser(args.data, args.format, images=args.data_images, label_attr=args.label_attr, **_class_name_kw(args))
         for r in parse_data(parser, log=lambda *a: None): known[str(r.filepath.resolve())] = known[r.filepath.name] = r.image_id
     records = image_records(files, known)
     learn = load_run(args.run, args.device)
@@ -509,13 +345,14 @@ def predict(args, log=print) -> dict:
     out = Path(args.out).expanduser()
     with _as_cli_error(f"--out {out}"): (out/'images').mkdir(parents=True, exist_ok=True)
     results, names = [], set()
-    for rec, det in zip(records, detect(learn, records, args.bs)):
+    for rec, det in zip(records, _detections(learn, records, args.bs)):
         det = _keep(det, args.threshold)
         results += detections_to_coco(rec.image_id, det, cm)
         name = rec.filepath.stem + '.jpg'
         if name in names: name = f"{rec.filepath.stem}_{len(names)}.jpg"
         names.add(name)
-        draw_image(rec.filepath, det, cm).save(out/'images'/name, quality=90)
+        pic = render_detections(rec.filepath, det['boxes'], det['labels'], cm, det['scores'], det.get('masks'), max_side=1024)
+        pic.save(out/'images'/name, quality=90)
         log(f"{rec.filepath.name}: {len(det['boxes'])} detections" + (f" ({', '.join(sorted({cm.get_name(int(l)) for l in det['labels']}))})" if len(det['boxes']) else ''))
     (out/'predictions.json').write_text(json.dumps(results))
     coco = {'images': [{'id': r.image_id, 'file_name': r.filepath.name, 'path': str(r.filepath), 'width': r.width, 'height': r.height}
@@ -524,21 +361,6 @@ def predict(args, log=print) -> dict:
     (out/'images.json').write_text(json.dumps(coco, indent=1))
     log(f"icefast: {len(results)} detections (score >= {args.threshold}) in {len(records)} images written to {out}")
     return {'n_images': len(records), 'n_detections': len(results)}
-
-def metrics_table(metrics:dict, per_class:dict, counts:dict=None) -> str:
-    "The COCO scalars, then AP@[.5:.95] per class (box, and mask when evaluated), as aligned text."
-    lines = [f"{k:<12}{v:8.3f}" for k, v in metrics.items()]
-    kinds = list(per_class)
-    names = [n for n in per_class.get('bbox', {}) if counts is None or counts.get(n)]
-    if names:
-        w = max(12, max(map(len, names)) + 2)
-        lines += ['', f"{'class':<{w}}" + ''.join(f"{'AP ' + ('box' if k == 'bbox' else 'mask'):>10}" for k in kinds)
-                  + ('' if counts is None else f"{'instances':>11}")]
-        for n in names:
-            vals = [per_class[k].get(n, float('nan')) for k in kinds]
-            lines.append(f"{n:<{w}}" + ''.join(f"{v:10.3f}" if v == v else f"{'-':>10}" for v in vals)
-                         + ('' if counts is None else f"{counts[n]:11d}"))
-    return '\n'.join(lines)
 
 def _note_training_images(args, records, log):
     "Say so when `icefast eval` scores the run's validation images and more: most likely its training images too."
@@ -552,10 +374,10 @@ def _note_training_images(args, records, log):
 
 def evaluate(args, log=print) -> dict:
     "Run `icefast eval` with parsed `args`: COCO metrics of the run's model on `--data`, overall and per class."
-    from icefast.metrics import COCOEvaluator, detections_to_coco
+    from icefast.metrics import evaluate_detections, metrics_table
     learn = load_run(args.run, args.device)
     cm, masks = learn.detection.class_map, learn.detection.masks
-    parser = make_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
+    parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
                          **_class_name_kw(args))
     records = parse_data(parser, log)
     if args.split:
@@ -563,17 +385,11 @@ def evaluate(args, log=print) -> dict:
         records = [r for r in records if _listed(r, ids)]
         if not records: raise CLIError(f"--split {args.split}: none of its {len(ids)} names is an image of the data")
     else: _note_training_images(args, records, log)
-    results = []
-    for rec, det in zip(records, detect(learn, records, args.bs)):
-        results += detections_to_coco(rec.image_id, {k: v.numpy() for k, v in det.items()}, cm)
-    ev = COCOEvaluator(records, cm, masks=masks)
-    metrics = ev.evaluate(results)
-    counts = {n: 0 for n in cm.classes}
-    for r in records:
-        for l in r.labels: counts[cm.get_name(int(l))] += 1
-    table = metrics_table(metrics, ev.per_class, counts)
+    ev = evaluate_detections(records, _detections(learn, records, args.bs), cm, masks=masks)
+    results = ev.pop('results')
+    table = metrics_table(ev['metrics'], ev['per_class'], ev['instances'])
     log(f"COCO metrics of {args.run} on {len(records)} images of {args.data}:\n{table}")
-    res = {'metrics': metrics, 'per_class': ev.per_class, 'instances': counts, 'n_images': len(records)}
+    res = ev
     if args.out:
         out = Path(args.out).expanduser()
         with _as_cli_error(f"--out {out}"): out.mkdir(parents=True, exist_ok=True)
@@ -619,12 +435,12 @@ def _wrap(text:str, indent:str='', first:str=None) -> str:
     import textwrap
     return textwrap.fill(text, 100, initial_indent=indent if first is None else first, subsequent_indent=indent)
 
-_EPILOG_DATA = "data layouts (--data):\n" + '\n'.join(_wrap(v, ' '*8, f"  {k:<6}") for k, v in FORMATS.items())
+_EPILOG_DATA = "data layouts (--data):\n" + '\n'.join(_wrap(v, ' '*8, f"  {k:<6}") for k, v in DATA_LAYOUTS.items())
 
 def _common(p, data_required:bool=True):
     "Arguments that say where the data is."
     p.add_argument('--data', required=data_required, metavar='PATH', help='annotation file or data folder (layouts below)')
-    p.add_argument('--format', required=data_required, choices=list(FORMATS), help='annotation format')
+    p.add_argument('--format', required=data_required, choices=list(DATA_LAYOUTS), help='annotation format')
     p.add_argument('--images', default=None, metavar='DIR', help='image folder, when not where the layout says')
     p.add_argument('--label-attr', default='label', metavar='NAME', help="via: region attribute holding the class name (default: label)")
     p.add_argument('--class-name', default=None, metavar='NAME',
@@ -689,7 +505,7 @@ def build_argparser() -> argparse.ArgumentParser:
     pr.add_argument('--out', required=True, metavar='OUT', help='folder for the outputs')
     pr.add_argument('--threshold', type=float, default=0.5, help='keep detections scoring at least this (default: 0.5)')
     pr.add_argument('--data', default=None, metavar='PATH', help="the images' data set, to use its image ids in predictions.json")
-    pr.add_argument('--format', default=None, choices=list(FORMATS), help='format of --data')
+    pr.add_argument('--format', default=None, choices=list(DATA_LAYOUTS), help='format of --data')
     pr.add_argument('--images', '--images-dir', dest='data_images', default=None, metavar='DIR',
                     help='image folder of --data, when not where the layout says')
     pr.add_argument('--label-attr', default='label', metavar='NAME', help='via: region attribute holding the class name')

@@ -11,7 +11,8 @@ from fastai.callback.core import Callback
 from pathlib import Path
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, fine_tune, lr_find and progress bars on Learner
 
-import time, warnings
+import math, time, warnings
+from fastai.learner import Recorder
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
 from .data import split_batch, letterbox_scale, Letterbox
@@ -19,10 +20,11 @@ from .metrics import COCOEvaluator, detections_to_coco
 from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe, register_learner
 
 # %% auto #0
-__all__ = ['FINE_TUNE_DEFAULTS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original', 'BatchTargets',
-           'DetectionAdapter', 'predicts_masks', 'detection_metrics', 'loss_parts', 'param_groups_of', 'is_pretrained',
-           'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections', 'plot_pairs',
-           'DetectionInterpretation', 'detection_learner', 'ProgressLines']
+__all__ = ['FINE_TUNE_DEFAULTS', 'CLASS_COLORS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
+           'BatchTargets', 'DetectionAdapter', 'predicts_masks', 'detection_metrics', 'loss_parts', 'param_groups_of',
+           'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections',
+           'plot_pairs', 'DetectionInterpretation', 'detection_learner', 'class_color', 'render_detections',
+           'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -302,20 +304,10 @@ class DetectionLearner(Learner):
         "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
         return DetectionInterpretation.from_learner(self, ds_idx).plot_top_losses(k, threshold, figsize)
 
-def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None, color='yellow'):
-    "Draw xyxy pixel `boxes` with class names (and `scores`, and `masks` as coloured overlays) over `img` on `ax`."
-    import numpy as np, matplotlib.pyplot as plt
-    ax.imshow(img); ax.axis('off')
+def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None):
+    "Show `render_detections` of `img` on matplotlib axes `ax`, `title` above the picture (never under a label)."
+    ax.imshow(render_detections(img, boxes, labels, class_map, scores, masks)); ax.axis('off')
     if title: ax.set_title(title, fontsize=9)
-    if masks is not None and len(masks):
-        masks = np.asarray(masks)
-        overlay = np.zeros((*masks.shape[-2:], 4), np.float32)
-        for i, m in enumerate(masks): overlay[m > 0] = (*plt.cm.tab10(i % 10)[:3], 0.45)
-        ax.imshow(overlay)
-    for i, ((x0, y0, x1, y1), l) in enumerate(zip(boxes, labels)):
-        ax.add_patch(plt.Rectangle((x0, y0), x1-x0, y1-y0, fill=False, color=color, lw=2))
-        name = class_map.get_name(int(l)) + ('' if scores is None else f' {float(scores[i]):.2f}')
-        ax.text(x0, y0, name, color='black', backgroundcolor=color, fontsize=7, va='bottom')
 
 def plot_pairs(records, preds, class_map, threshold:float=0.5, titles=None, figsize=None):
     "One row per record: its ground truth next to its detections (original pixels) above `threshold`."
@@ -418,6 +410,64 @@ def detection_learner(
     return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
                             cbs=[DetectionAdapter(class_map, masks=predicts_masks(model)), *(cbs or [])], **kwargs)
 
+# %% ../nbs/09_learner.ipynb #e77743c3
+CLASS_COLORS = [(255, 215, 0), (0, 200, 255), (255, 80, 160), (120, 230, 80), (255, 140, 0), (170, 120, 255),
+                (0, 230, 180), (255, 110, 90), (90, 160, 255), (220, 220, 220)]
+
+def class_color(label:int) -> tuple:
+    "The RGB colour of class `label`: the same in every picture icefast draws."
+    return CLASS_COLORS[(int(label) - 1) % len(CLASS_COLORS)]
+
+def _outline(m):
+    "The boundary pixels of boolean mask `m`."
+    inner = m.copy()
+    inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+def render_detections(
+    img, # A PIL image (or an image file's path)
+    boxes, # xyxy boxes in `img`'s pixels
+    labels, # Their class ids
+    class_map, # Names of the ids
+    scores=None, # Their scores, written after the names
+    masks=None, # Their masks (N x H x W), drawn as a fill and an outline
+    max_side:int=None, # Shrink the picture to at most this many pixels a side
+):
+    "`img` with boxes, class names (and scores, and masks) drawn in the class colours; labels that would cover another are left out."
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+    from icefast.core import open_image
+    if not isinstance(img, Image.Image): img = open_image(img)
+    img = img.convert('RGB')
+    boxes, labels = np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels).reshape(-1)
+    if masks is not None and len(masks):
+        a = np.asarray(img).astype(np.float32)
+        for m, l in zip(np.asarray(masks), labels):
+            m = m > 0
+            if m.shape != a.shape[:2]: continue
+            a[m] = 0.6*a[m] + 0.4*np.array(class_color(l))
+            a[_outline(m)] = class_color(l)
+        img = Image.fromarray(a.astype(np.uint8))
+    s = 1. if max_side is None else min(1., max_side / max(img.size))
+    if s < 1: img = img.resize((max(1, round(img.width*s)), max(1, round(img.height*s))), Image.BILINEAR)
+    draw, side = ImageDraw.Draw(img), max(img.size)
+    width, font = max(1, round(side / 250)), ImageFont.load_default(size=max(9, round(side / 45)))
+    placed = []
+    for i in np.argsort(-np.asarray(scores)) if scores is not None else range(len(boxes)):  # the best labels first
+        b, c = boxes[i] * s, class_color(labels[i])
+        draw.rectangle([float(v) for v in b], outline=c, width=width)
+        text = class_map.get_name(int(labels[i])) + ('' if scores is None else f" {float(scores[i]):.2f}")
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        w, h = x1 - x0 + 4, y1 - y0 + 4
+        x, y = float(b[0]), float(b[1]) if b[3] - b[1] > 2*h else max(0., float(b[1]) - h)  # inside the box, or above a flat one
+        x = min(x, img.width - w)
+        if any(x < px1 and px0 < x + w and y < py1 and py0 < y + h for px0, py0, px1, py1 in placed): continue
+        placed.append((x, y, x + w, y + h))
+        draw.rectangle([x, y, x + w, y + h], fill=c)
+        draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
+    return img
+
+
 # %% ../nbs/09_learner.ipynb #e82cd681
 class ProgressLines(Callback):
     "A plain line (epoch, phase, batch, smoothed loss, seconds) at most every `every` seconds: progress for logs without a terminal."
@@ -435,3 +485,76 @@ class ProgressLines(Callback):
         loss = f", loss {float(self.learn.smooth_loss):.4f}" if self.training else ''
         self.log(f"  epoch {self.epoch + 1}/{self.n_epoch} {'train' if self.training else 'valid'} batch {self.iter + 1}/{self.n_iter}"
                  f"{loss} ({now - self._start:.0f} s)")
+
+# %% ../nbs/09_learner.ipynb #07cc1c93
+def _finite(v):
+    "`v` as a finite float, else None (fastai logs a missing metric as '#na#')."
+    try: v = float(v)
+    except (TypeError, ValueError): return None
+    return v if math.isfinite(v) else None
+
+class RunLog(Callback):
+    "A row per epoch (losses, metrics, seconds) across fits, rewritten to `folder`/metrics.csv and metrics.json after each epoch."
+    order = Recorder.order + 1  # after the Recorder has logged the epoch
+    def __init__(self,
+        folder=None, # Where metrics.csv and metrics.json go (None: kept in memory only)
+    ): self.folder, self.rows, self.batch_losses, self._start = None if folder is None else Path(folder), [], [], None
+    def before_epoch(self): self._start = time.perf_counter()
+    def after_batch(self):
+        if self.training: self.batch_losses.append(float(self.learn.smooth_loss))
+    def after_epoch(self):
+        names, values = self.recorder.metric_names, self.recorder.log
+        row = {'epoch': len(self.rows), **{n: _finite(v) for n, v in zip(names[1:-1], values[1:-1])}}
+        row['seconds'] = round(time.perf_counter() - self._start, 2)
+        self.rows.append(row)
+        if self.folder is not None: self.save(self.folder)
+
+    def save(self, folder):
+        "Write the rows to `folder`/metrics.csv and metrics.json."
+        import csv, json
+        folder = Path(folder)
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(folder/'metrics.csv', 'w', newline='') as f:
+            w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(self.rows)
+        (folder/'metrics.json').write_text(json.dumps(self.rows, indent=1))
+
+    def best(self, monitor:str='mAP') -> dict:
+        "The row with the highest `monitor` (the first row when no epoch has it)."
+        return max(self.rows, key=lambda r: r.get(monitor) or 0.)
+
+    def plot(self, fname=None):
+        "`plot_run` of this log."
+        return plot_run(self.rows, self.batch_losses, fname)
+
+def _saved(fig, fname):
+    "`fig`, saved as `fname` and closed when one is given."
+    if fname is None: return fig
+    import matplotlib.pyplot as plt
+    fig.savefig(fname, dpi=90); plt.close(fig)
+    return fig
+
+def plot_run(rows:list, batch_losses:list=(), fname=None):
+    "Losses (training per batch, validation per epoch) next to the COCO mAPs per epoch, from `RunLog` rows; saved as `fname` if given."
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    n = max(len(rows), 1)
+    if len(batch_losses):
+        per = len(batch_losses) / n
+        a.plot([(i + 1) / per for i in range(len(batch_losses))], batch_losses, label='train (smoothed, per batch)', alpha=0.8)
+    a.plot([r['epoch'] + 1 for r in rows], [r.get('valid_loss') for r in rows], 'o-', label='valid')
+    a.set(xlabel='epoch', ylabel='loss', title='loss'); a.legend()
+    for k in ('mAP', 'mAP50', 'mAP75', 'mask_mAP', 'mask_mAP50'):
+        if any(k in r for r in rows): b.plot([r['epoch'] + 1 for r in rows], [r.get(k) for r in rows], 'o-', label=k)
+    b.set(xlabel='epoch', ylabel='COCO AP', title='validation metrics', ylim=(0, 1)); b.legend()
+    fig.tight_layout()
+    return _saved(fig, fname)
+
+def plot_lr_find(learn, fname=None):
+    "The loss against the learning rate of `learn`'s last `lr_find`, as a figure (fastai's `plot_lr_find` returns none)."
+    import matplotlib.pyplot as plt
+    rec = learn.recorder
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = max(1, len(rec.losses) - 5)
+    ax.plot(rec.lrs[:n], [float(l) for l in rec.losses[:n]]); ax.set(xscale='log', xlabel='learning rate', ylabel='loss')
+    return _saved(fig, fname)
+

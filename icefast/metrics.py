@@ -10,7 +10,7 @@ import numpy as np
 from .core import ClassMap, Record, PolygonMask, RLEMask
 
 # %% auto #0
-__all__ = ['records_to_coco', 'detections_to_coco', 'COCOEvaluator']
+__all__ = ['records_to_coco', 'detections_to_coco', 'COCOEvaluator', 'evaluate_detections', 'metrics_table']
 
 # %% ../nbs/08_metrics.ipynb #0ac10211
 def _rle(m:np.ndarray) -> dict:
@@ -94,3 +94,36 @@ class COCOEvaluator:
             p = prec[:, :, k]
             res[self.class_map.get_name(self.class_map.from_source_id(cat))] = float(p[p > -1].mean()) if (p > -1).any() else float('nan')
         return res
+
+# %% ../nbs/08_metrics.ipynb #86d0ac11
+def evaluate_detections(
+    records:list, # The images' records, with their ground truth
+    preds:list, # One dict of detections per record in its original pixels (`learn.get_preds`' first output)
+    class_map:ClassMap, # The classes of both
+    masks:bool=False, # Also evaluate instance masks
+) -> dict:
+    "COCO figures of `preds` against `records`: `metrics`, AP `per_class`, ground-truth `instances` per class, the COCO `results`."
+    if len(preds) != len(records): raise ValueError(f"{len(preds)} detections for {len(records)} records: one dict per record")
+    results = [res for rec, det in zip(records, preds) for res in detections_to_coco(rec.image_id, det, class_map)]
+    ev = COCOEvaluator(records, class_map, masks=masks)
+    metrics = ev.evaluate(results)
+    counts = {n: 0 for n in class_map.classes}
+    for r in records:
+        for l in r.labels[~r.iscrowd]: counts[class_map.get_name(int(l))] += 1
+    return {'metrics': metrics, 'per_class': ev.per_class, 'instances': counts, 'n_images': len(records), 'results': results}
+
+def metrics_table(metrics:dict, per_class:dict, counts:dict=None) -> str:
+    "The COCO figures, then AP@[.5:.95] per class (box, and mask when evaluated) with ground-truth counts, as aligned text."
+    lines = [f"{k:<12}{v:8.3f}" for k, v in metrics.items()]
+    kinds = list(per_class)
+    names = [n for n in per_class.get('bbox', {}) if counts is None or counts.get(n)]
+    if names:
+        w = max(12, max(map(len, names)) + 2)
+        lines += ['', f"{'class':<{w}}" + ''.join(f"{'AP ' + ('box' if k == 'bbox' else 'mask'):>10}" for k in kinds)
+                  + ('' if counts is None else f"{'instances':>11}")]
+        for n in names:
+            vals = [per_class[k].get(n, float('nan')) for k in kinds]
+            lines.append(f"{n:<{w}}" + ''.join(f"{v:10.3f}" if v == v else f"{'-':>10}" for v in vals)
+                         + ('' if counts is None else f"{counts[n]:11d}"))
+    return '\n'.join(lines)
+

@@ -16,12 +16,13 @@ from PIL import Image
 from .core import ClassMap, Record, InstanceMask, PolygonMask, RLEMask, LabelImageMask, image_size, verify_image
 
 # %% auto #0
-__all__ = ['logger', 'IMAGE_EXTENSIONS', 'ParseError', 'ParseReport', 'Instance', 'ImageAnnotation', 'Parser', 'COCOParser',
-           'VOCParser', 'VIAParser', 'CSVParser', 'YOLOParser']
+__all__ = ['logger', 'IMAGE_EXTENSIONS', 'DATA_LAYOUTS', 'ParseError', 'ParseReport', 'Instance', 'ImageAnnotation', 'Parser',
+           'COCOParser', 'VOCParser', 'VIAParser', 'CSVParser', 'YOLOParser', 'yolo_class_names', 'parser_for']
 
 # %% ../nbs/01_parsers.ipynb #d4fb7f61
 __all__ = ['ParseError', 'ParseReport', 'Instance', 'ImageAnnotation', 'Parser', 'COCOParser', 'VOCParser',
-           'VIAParser', 'CSVParser', 'YOLOParser', 'IMAGE_EXTENSIONS']
+           'VIAParser', 'CSVParser', 'YOLOParser', 'IMAGE_EXTENSIONS',
+           'DATA_LAYOUTS', 'yolo_class_names', 'parser_for']
 
 logger = logging.getLogger('icefast.parsers')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.gif')
@@ -802,3 +803,96 @@ class YOLOParser(Parser):
                 rows.append(Instance(label, (*pts.min(0), *pts.max(0)), PolygonMask([pts.ravel()]) if self.masks else None,
                                      where=f"line {n}", normalized=True))
         return rows
+
+# %% ../nbs/01_parsers.ipynb #407e9362
+DATA_LAYOUTS = {
+    'coco': "a COCO JSON file, or a folder holding one (annotations.json, else its only *.json); "
+            "images in images/ beside the JSON, else beside it",
+    'voc': "a folder with Annotations/ (.xml files) and JPEGImages/ (or annotations/ and images/); "
+           "SegmentationObject/ holds the instance masks Mask R-CNN needs",
+    'via': "a VIA JSON export or project file, or a folder of them (a project saved in parts); images in images/ beside "
+           "them, else beside them; class names from the region attribute label_attr (default 'label'), or class_name= "
+           "(--class-name) for a single-class project whose regions have no attribute",
+    'csv': "a CSV file with a header and one row per box (filename,label,xmin,ymin,xmax,ymax or x,y,w,h; "
+           "rows with empty box fields are images without boxes), or a folder holding one; images as for coco",
+    'yolo': "a folder with images/ and labels/ (one <image stem>.txt per image, 'class cx cy w h' normalized) "
+            "and the class names in classes.txt (one per line) or data.yaml ('names:')",
+}
+
+def _annotation_file(data:Path, exts:tuple, preferred:tuple=()) -> Path:
+    "`data` itself, or the one annotation file in the folder `data`."
+    if data.is_file(): return data
+    for n in preferred:
+        if (data/n).is_file(): return data/n
+    found = sorted(f for f in data.iterdir() if f.is_file() and f.suffix.lower() in exts)
+    if len(found) == 1: return found[0]
+    if not found: raise ParseError(f"{data}: no {' or '.join(exts)} annotation file in this folder")
+    raise ParseError(f"{data}: {len(found)} {exts[0]} files in this folder ({', '.join(f.name for f in found[:4])}); "
+                     "name the one to use")
+
+def _images_beside(ann:Path, images=None) -> Path:
+    "`images`, else the images/ folder beside annotation file (or folder) `ann`, else its own folder."
+    if images is not None: return Path(images)
+    folder = ann if ann.is_dir() else ann.parent
+    return folder/'images' if (folder/'images').is_dir() else folder
+
+def _subfolder(root:Path, names:tuple, what:str) -> Path:
+    "The first of `names` that is a folder in `root`."
+    for n in names:
+        if (root/n).is_dir(): return root/n
+    raise ParseError(f"{root}: no {what} folder (looked for {', '.join(n + '/' for n in names)})")
+
+def yolo_class_names(root, labels=None) -> list:
+    "Class names of the YOLO set in `root`: classes.txt (in it or in its `labels` folder), obj.names, or data.yaml's `names`."
+    root = Path(root); labels = Path(labels) if labels is not None else root/'labels'
+    for f in (root/'classes.txt', labels/'classes.txt', root/'obj.names'):
+        if f.is_file(): return [l.strip() for l in f.read_text().splitlines() if l.strip()]
+    for f in (root/'data.yaml', root/'dataset.yaml'):
+        if f.is_file():
+            import yaml
+            try: names = (yaml.safe_load(f.read_text()) or {}).get('names')
+            except yaml.YAMLError as e: raise ParseError(f"{f}: unreadable YAML ({str(e).splitlines()[0]})") from None
+            if isinstance(names, dict): names = [names[k] for k in sorted(names)]
+            if names: return [str(n) for n in names]
+            raise ParseError(f"{f}: no 'names:' list of class names")
+    raise ParseError(f"{root}: no class names for the YOLO labels: write classes.txt (one name per line, in class index order)")
+
+def parser_for(
+    data, # An annotation file or a data folder, laid out as `DATA_LAYOUTS[format]` says
+    format:str, # One of `DATA_LAYOUTS`: coco, voc, via, csv, yolo
+    *,
+    masks:bool=False, # Read instance masks (for Mask R-CNN)
+    images=None, # The image folder, when it is not where the layout says
+    label_attr:str='label', # VIA: the region attribute with the class name
+    class_map=None, # Fixed classes (e.g. a trained model's); other classes are dropped and reported
+    class_name:str=None, # VIA, CSV: the one class of a single-class set whose regions (rows) name none
+) -> Parser:
+    "The parser of the data set at `data` in `format`, its files found by the folder layouts of `DATA_LAYOUTS`."
+    data = Path(data).expanduser()
+    if format not in DATA_LAYOUTS: raise ValueError(f"unknown format {format!r}; one of {', '.join(DATA_LAYOUTS)}")
+    if not data.exists(): raise FileNotFoundError(f"{data}: no such file or folder")
+    if format in ('voc', 'yolo') and not data.is_dir():
+        raise ParseError(f"{data}: {format} data is a folder ({DATA_LAYOUTS[format]})")
+    if class_name is not None and format not in ('via', 'csv'):
+        raise ValueError(f"class_name (--class-name) is for via and csv data without class labels; {format} data name their classes")
+    kw = dict(class_map=class_map, **({} if class_name is None else {'class_name': class_name}))
+    if format == 'coco':
+        ann = _annotation_file(data, ('.json',), ('annotations.json',))
+        return COCOParser(ann, _images_beside(ann, images), masks=masks, **kw)
+    if format == 'via':  # a folder may hold a project saved in several JSON parts: VIAParser reads them all
+        ann = data if data.is_dir() else _annotation_file(data, ('.json',))
+        return VIAParser(ann, _images_beside(ann, images), label_attr=label_attr, masks=masks, **kw)
+    if format == 'csv':
+        if masks: raise ValueError("csv data have boxes only; Mask R-CNN needs masks (coco, voc with SegmentationObject/, via, yolo polygons)")
+        ann = _annotation_file(data, ('.csv',))
+        return CSVParser(ann, _images_beside(ann, images), **kw)
+    if format == 'voc':
+        ann_dir = _subfolder(data, ('Annotations', 'annotations'), 'annotations')
+        img_dir = Path(images) if images else _subfolder(data, ('JPEGImages', 'images', 'Images'), 'images')
+        masks_dir = _subfolder(data, ('SegmentationObject',), 'instance masks') if masks else None
+        return VOCParser(ann_dir, img_dir, masks_dir, **kw)
+    img_dir = Path(images) if images else _subfolder(data, ('images',), 'images')
+    labels = _subfolder(data, ('labels',), 'labels')
+    names = class_map.classes if class_map is not None else yolo_class_names(data, labels)
+    return YOLOParser(img_dir, labels, names, masks=masks, **kw)
+

@@ -90,13 +90,14 @@ def test_predict_results_load_against_the_ground_truth(coco_run, shapes, capsys)
     assert [c['name'] for c in cats] == list(SHAPES)
 
 
-def test_predict_without_data_uses_file_numbers_as_ids(coco_run, shapes, capsys):
+def test_predict_without_data_uses_file_stems_as_ids(coco_run, shapes, capsys):
+    "Without --data an image's id is its stem, as `learn.predict` and `icefast.core.image_record` name it."
     out = coco_run.parent/'pred_plain'
     code, _, err = run(capsys, 'predict', coco_run, shapes/'images'/'0003.jpg', '--out', out, '--threshold', 0.0)
     assert code == 0, err
     ids = {r['image_id'] for r in json.loads((out/'predictions.json').read_text())}
-    assert ids <= {3}
-    assert json.loads((out/'images.json').read_text())['images'][0]['id'] == 3
+    assert ids <= {'0003'}
+    assert json.loads((out/'images.json').read_text())['images'][0]['id'] == '0003'
 
 
 def test_eval_prints_the_metrics_table_per_class(coco_run, shapes, capsys):
@@ -261,8 +262,9 @@ def test_pretrained_weights_from_files(shapes, tmp_path, capsys):
 
 
 def test_two_split_files_and_yolo_names_from_data_yaml(shapes, tmp_path):
-    from icefast.cli import make_parser, split_records, parse_data
-    records = parse_data(make_parser(shapes, 'coco'), log=lambda *a: None)
+    from icefast.cli import split_records, parse_data
+    from icefast.parsers import parser_for
+    records = parse_data(parser_for(shapes, 'coco'), log=lambda *a: None)
     (tmp_path/'train.txt').write_text('0000.jpg\n0001.jpg\n0002\n')
     (tmp_path/'valid.txt').write_text('5\n')  # COCO image id 5 is 0004.jpg
     kept, splitter = split_records(records, split=[tmp_path/'train.txt', tmp_path/'valid.txt'])
@@ -272,7 +274,7 @@ def test_two_split_files_and_yolo_names_from_data_yaml(shapes, tmp_path):
     data = _write_yolo(shapes, tmp_path/'yolo')
     (data/'classes.txt').unlink()
     (data/'data.yaml').write_text("path: .\nnames:\n  0: circle\n  1: square\n  2: triangle\n")
-    p = make_parser(data, 'yolo')
+    p = parser_for(data, 'yolo')
     assert len(p.parse()) == 16 and p.class_map.classes == list(SHAPES)
 
 

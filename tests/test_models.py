@@ -83,7 +83,7 @@ RCNN_CASES = [(a, n) for a in ('faster_rcnn', 'mask_rcnn') for n in (faster_rcnn
 def test_rcnn_catalog(arch, name):
     mod = faster_rcnn if arch == 'faster_rcnn' else mask_rcnn
     model = mod.model(backbone=name, num_classes=NUM_CLASSES, img_size=128)
-    ref = rcnn_reference(arch, name)
+    with torch.device('meta'): ref = rcnn_reference(arch, name)  # upstream's parameter count, without building it for real
     if ref is not None: assert n_params(model) == n_params(ref), f"{n_params(model)} vs upstream {n_params(ref)}"
     groups = mod.param_groups(model)
     check_groups(groups, model)
@@ -131,8 +131,10 @@ def test_efficientdet_catalog(name):
                  else efficientdet.model(name, num_classes=EFFDET_CLASSES, img_size=size))
     if timm_backbone:
         from effdet import EfficientDet
-        ref = EfficientDet(efficientdet_config(backbone=name, img_size=size, num_classes=EFFDET_CLASSES - 1), pretrained_backbone=False)
-    else: ref = effdet_reference(name, size)
+        with torch.device('meta'):
+            ref = EfficientDet(efficientdet_config(backbone=name, img_size=size, num_classes=EFFDET_CLASSES - 1), pretrained_backbone=False)
+    else:
+        with torch.device('meta'): ref = effdet_reference(name, size)
     assert n_params(model) == n_params(ref), f"{n_params(model)} vs upstream {n_params(ref)}"
     groups = efficientdet.param_groups(model)
     check_groups(groups, model)

@@ -11,8 +11,9 @@ from ..backbones import build_backbone, download_weights, load_state_dict, load_
 from .core import fine_tune_recipe, split_params, load_detector_weights
 
 # %% auto #0
-__all__ = ['DEFAULT_BACKBONE', 'rcnn_names', 'set_image_size', 'rcnn_losses_and_detections', 'FasterRCNNModel', 'MaskRCNNModel',
-           'torchvision_v2', 'finish_torchvision', 'build_rcnn', 'rcnn_param_groups']
+__all__ = ['DEFAULT_BACKBONE', 'WHOLE_TORCHVISION_BUILDS', 'rcnn_names', 'set_image_size', 'rcnn_losses_and_detections',
+           'FasterRCNNModel', 'MaskRCNNModel', 'torchvision_v2', 'finish_torchvision', 'build_rcnn',
+           'rcnn_param_groups']
 
 # %% ../../nbs/04_models.rcnn.ipynb #eecb3c1c
 DEFAULT_BACKBONE = 'resnet_fpn.resnet50'
@@ -117,17 +118,20 @@ def torchvision_v2(builder:str, num_classes:int, trainable_layers:int, whole:boo
         from torchvision.models import ResNet50_Weights
         state = download_weights(ResNet50_Weights.IMAGENET1K_V1.url, 'backbone resnet50') if pretrained_backbone is True else load_state_dict(pretrained_backbone)
         load_weights(model.backbone.body, state, f"{what} backbone", expected_unexpected=('fc.',))
+    model.backbone.icefast_pretrained = pretrained_backbone not in (False, None)
     return model
 
-def finish_torchvision(model, arch:str, name:str, num_classes:int, img_size, whole:bool, pretrained_backbone, backbone, kwargs:dict):
+# backbone names that torchvision builds as a whole detector (its own heads), not a backbone of the registry: name -> build
+WHOLE_TORCHVISION_BUILDS = {'resnet50_fpn_v2': torchvision_v2}
+
+def finish_torchvision(model, arch:str, name:str, num_classes:int, img_size, whole:bool, kwargs:dict):
     "What every torchvision builder ends with: the config that rebuilds `model`, its image size, and whether it starts pretrained."
     from torchvision.ops.misc import FrozenBatchNorm2d
     model.icefast_config = dict(arch=arch, backbone=name, num_classes=num_classes, img_size=None,
                                 frozen_bn=any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules()),
                                 **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool))})
     if img_size is not None: set_image_size(model, img_size)
-    bb_pretrained = (pretrained_backbone not in (False, None)) if name == 'resnet50_fpn_v2' else getattr(backbone, 'icefast_pretrained', True)
-    model.icefast_pretrained = whole or bool(bb_pretrained)  # a user's own backbone module counts as pretrained
+    model.icefast_pretrained = whole or bool(getattr(model.backbone, 'icefast_pretrained', True))  # a user's own backbone counts as pretrained
     return model
 
 def build_rcnn(
@@ -149,8 +153,9 @@ def build_rcnn(
     whole = pretrained is not False and pretrained is not None
     if isinstance(backbone, str) and backbone not in rcnn_names(arch):
         raise KeyError(f"unknown backbone {backbone!r} for {arch}; known: {rcnn_names(arch)}")
-    if name == 'resnet50_fpn_v2':
-        model = torchvision_v2(_TORCHVISION_DETECTORS[(arch, name)], num_classes, trainable_layers, whole, pretrained_backbone, f"{arch} {name}", **kwargs)
+    if name in WHOLE_TORCHVISION_BUILDS:
+        model = WHOLE_TORCHVISION_BUILDS[name](_TORCHVISION_DETECTORS[(arch, name)], num_classes, trainable_layers, whole,
+                                               pretrained_backbone, f"{arch} {name}", **kwargs)
     else:
         if not isinstance(backbone, nn.Module):
             # whole-detector weights come with frozen batch-norm and torchvision's trainable stages, as `pretrained=True` builds them
@@ -161,7 +166,7 @@ def build_rcnn(
     if whole:
         load_detector_weights(model, pretrained, f"{arch} {name}", _TORCHVISION_DETECTORS.get((arch, name)), ('rpn.', 'roi_heads.'),
                               [n for a, n in _TORCHVISION_DETECTORS if a == arch])
-    return finish_torchvision(model, arch, name, num_classes, img_size, whole, pretrained_backbone, backbone, kwargs)
+    return finish_torchvision(model, arch, name, num_classes, img_size, whole, kwargs)
 
 # %% ../../nbs/04_models.rcnn.ipynb #f17868e9
 def rcnn_param_groups(model:nn.Module) -> list:

@@ -11,7 +11,7 @@ import torchvision.models.detection as tvd
 
 from ..backbones import build_backbone, list_backbones
 from .core import register_model, fine_tune_recipe, split_params, load_detector_weights, FastaiEntry
-from .rcnn import set_image_size, torchvision_v2, finish_torchvision
+from .rcnn import set_image_size, WHOLE_TORCHVISION_BUILDS, finish_torchvision
 
 # %% auto #0
 __all__ = ['fastai', 'dense_losses_and_detections', 'SingleStageMixin', 'RetinaNetModel', 'build_single_stage', 'list_models',
@@ -69,8 +69,9 @@ def build_single_stage(cls, arch:str, torchvision_builders:dict, names:list, bac
     if isinstance(backbone, str) and backbone not in names: raise KeyError(f"unknown backbone {backbone!r} for {arch}; known: {names}")
     name = 'resnet_fpn.resnet50' if backbone is None else backbone if isinstance(backbone, str) else getattr(backbone, 'icefast_name', None)
     whole = pretrained not in (False, None)
-    if name == 'resnet50_fpn_v2':
-        model = torchvision_v2(torchvision_builders[name], num_classes, trainable_layers, whole, pretrained_backbone, f"{arch} {name}", **kwargs)
+    if name in WHOLE_TORCHVISION_BUILDS:
+        model = WHOLE_TORCHVISION_BUILDS[name](torchvision_builders[name], num_classes, trainable_layers, whole, pretrained_backbone,
+                                               f"{arch} {name}", **kwargs)
     else:
         if not isinstance(backbone, nn.Module):
             backbone = build_backbone(name, pretrained=pretrained_backbone, trainable_layers=trainable_layers, p6p7=True,
@@ -78,13 +79,13 @@ def build_single_stage(cls, arch:str, torchvision_builders:dict, names:list, bac
         model = cls(backbone, num_classes=num_classes, **kwargs)
     model.__class__ = cls  # torchvision's own builders (v2) make the plain class
     if whole: load_detector_weights(model, pretrained, f"{arch} {name}", torchvision_builders.get(name), ('head.',), list(torchvision_builders))
-    return finish_torchvision(model, arch, name, num_classes, img_size, whole, pretrained_backbone, backbone, kwargs)
+    return finish_torchvision(model, arch, name, num_classes, img_size, whole, kwargs)
 
 _TORCHVISION = {'resnet_fpn.resnet50': 'retinanet_resnet50_fpn', 'resnet50_fpn_v2': 'retinanet_resnet50_fpn_v2'}
 
 def list_models() -> list:
     "The backbone names RetinaNet takes."
-    return list_backbones('resnet_fpn') + ['resnet50_fpn_v2']
+    return list_backbones('resnet_fpn') + list(WHOLE_TORCHVISION_BUILDS)
 
 @register_model('retinanet', backbones=list_models, default_backbone='resnet_fpn.resnet50', coco_backbones=_TORCHVISION,
                 detector_keys=('head.',))
