@@ -258,7 +258,8 @@ def train(args, log=print) -> dict:
     summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format, arch=args.arch,
                    backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
-                   n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], seconds=round(time.time() - t0, 1),
+                   n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], thresholds=learn.thresholds,
+                   seconds=round(time.time() - t0, 1),
                    files=['metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
                           'data_report.json', 'data_report.txt', 'valid.txt'])
     (out/'run.json').write_text(json.dumps(summary, indent=1))
@@ -324,13 +325,10 @@ def _detections(learn, records:list, bs:int=8) -> list:
     with _as_cli_error(''): preds, _ = learn.get_preds(dl=learn.dls.test_dl(records, bs=bs))
     return preds
 
-def _keep(det:dict, threshold:float) -> dict:
-    keep = det['scores'] >= threshold
-    return {k: v[keep].numpy() for k, v in det.items()}
 
 def predict(args, log=print) -> dict:
     "Run `icefast predict` with parsed `args`."
-    from icefast.metrics import detections_to_coco
+    from icefast.metrics import detections_to_coco, keep_above
     from icefast.learner import render_detections
     run_file(args.run)  # fail fast, before reading the images
     files = image_files(args.images)
@@ -344,9 +342,9 @@ def predict(args, log=print) -> dict:
     cm = learn.detection.class_map
     out = Path(args.out).expanduser()
     with _as_cli_error(f"--out {out}"): (out/'images').mkdir(parents=True, exist_ok=True)
-    results, names = [], set()
+    results, names, threshold = [], set(), learn._threshold(args.threshold)
     for rec, det in zip(records, _detections(learn, records, args.bs)):
-        det = _keep(det, args.threshold)
+        det = {k: v.numpy() for k, v in keep_above(det, threshold, cm).items()}
         results += detections_to_coco(rec.image_id, det, cm)
         name = rec.filepath.stem + '.jpg'
         if name in names: name = f"{rec.filepath.stem}_{len(names)}.jpg"
@@ -359,7 +357,8 @@ def predict(args, log=print) -> dict:
                        for r in records],
             'categories': [{'id': cm.source_id(i), 'name': n} for i, n in enumerate(cm.classes, 1)]}
     (out/'images.json').write_text(json.dumps(coco, indent=1))
-    log(f"icefast: {len(results)} detections (score >= {args.threshold}) in {len(records)} images written to {out}")
+    said = f"score >= {threshold}" if not isinstance(threshold, dict) else "scores above the per-class thresholds of the run"
+    log(f"icefast: {len(results)} detections ({said}) in {len(records)} images written to {out}")
     return {'n_images': len(records), 'n_detections': len(results)}
 
 def _note_training_images(args, records, log):
@@ -374,7 +373,7 @@ def _note_training_images(args, records, log):
 
 def evaluate(args, log=print) -> dict:
     "Run `icefast eval` with parsed `args`: COCO metrics of the run's model on `--data`, overall and per class."
-    from icefast.metrics import evaluate_detections, metrics_table
+    from icefast.metrics import evaluate_detections, metrics_table, per_class_frame, confusion_matrix, plot_confusion_matrix, plot_pr_curves
     learn = load_run(args.run, args.device)
     cm, masks = learn.detection.class_map, learn.detection.masks
     parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
@@ -385,18 +384,34 @@ def evaluate(args, log=print) -> dict:
         records = [r for r in records if _listed(r, ids)]
         if not records: raise CLIError(f"--split {args.split}: none of its {len(ids)} names is an image of the data")
     else: _note_training_images(args, records, log)
-    ev = evaluate_detections(records, _detections(learn, records, args.bs), cm, masks=masks)
-    results = ev.pop('results')
-    table = metrics_table(ev['metrics'], ev['per_class'], ev['instances'])
+    preds = _detections(learn, records, args.bs)
+    ev = evaluate_detections(records, preds, cm, masks=masks)
+    results, evaluator = ev.pop('results'), ev.pop('evaluator')
+    threshold = learn._threshold(args.threshold)
+    M = confusion_matrix(records, preds, cm, args.iou, threshold)
+    ev['confusion'] = dict(iou=args.iou, threshold=threshold, classes=['background'] + list(cm.classes), counts=M.tolist())
+    table = metrics_table(ev['metrics'], ev['per_class'])
     log(f"COCO metrics of {args.run} on {len(records)} images of {args.data}:\n{table}")
-    res = ev
     if args.out:
         out = Path(args.out).expanduser()
         with _as_cli_error(f"--out {out}"): out.mkdir(parents=True, exist_ok=True)
-        (out/'eval.json').write_text(json.dumps(res, indent=1, default=lambda v: None))
+        (out/'eval.json').write_text(json.dumps(_json_ready(ev), indent=1))
         (out/'eval.txt').write_text(table + '\n')
+        per_class_frame(ev['per_class']).to_csv(out/'per_class.csv', float_format='%.6f')
         (out/'predictions.json').write_text(json.dumps(results))
-    return res
+        plot_confusion_matrix(M, cm, fname=out/'confusion.png',
+                              title=f"confusion matrix (IoU {args.iou}, {'per-class thresholds' if isinstance(threshold, dict) else f'score >= {threshold}'})")
+        curves = evaluator.pr_curves('bbox', args.iou)
+        plot_pr_curves(curves, threshold if isinstance(threshold, dict) else None, out/'pr.png', title=f'precision-recall (IoU {args.iou})')
+        log(f"icefast eval: eval.json, eval.txt, per_class.csv, predictions.json, confusion.png and pr.png written to {out}")
+    return ev
+
+def _json_ready(o):
+    "`o` with NaN (a COCO figure without ground truth to measure on) as None, for strict JSON."
+    if isinstance(o, dict): return {k: _json_ready(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_json_ready(v) for v in o]
+    if isinstance(o, float) and o != o: return None
+    return o
 
 # %% ../nbs/11_cli.ipynb #36ce615c
 def _cpu_seconds() -> float:
@@ -421,7 +436,7 @@ def demo(args, log=print) -> dict:
     targs = argparse.Namespace(data=str(ann), format='coco', arch=cfg['arch'], backbone=cfg['backbone'], size=cfg['size'],
                                epochs=cfg['epochs'], bs=cfg['bs'], lr=str(cfg['lr']), pretrained='false', valid_pct=cfg['valid_pct'],
                                split=None, out=str(out), images=None, label_attr='label', device=args.device, workers=args.workers,
-                               seed=0, show=4, threshold=0.5)
+                               seed=0, show=4, threshold=None)
     summary = train(targs, log)
     summary.update(command='demo', seconds=round(time.time() - t0, 1), cpu_seconds=_cpu_seconds())
     (out/'run.json').write_text(json.dumps(summary, indent=1))
@@ -491,7 +506,8 @@ def build_argparser() -> argparse.ArgumentParser:
     t.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
     t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: 0 on the CPU, where the training step uses every core; fastai's on a GPU)")
     t.add_argument('--seed', type=int, default=42, help='random seed of the split and the training (default: 42)')
-    t.add_argument('--threshold', type=float, default=0.5, help='score threshold of results.png (default: 0.5)')
+    t.add_argument('--threshold', type=float, default=None,
+                   help="score threshold of results.png (default: each class's, chosen on the validation set)")
     t.add_argument('--show', type=int, default=4, metavar='N', help='validation images in results.png (default: 4)')
     t.add_argument('--progress-every', type=float, default=20., metavar='SECONDS',
                    help='without a terminal (a log file, a notebook cell): a progress line at most this often (default: 20)')
@@ -503,7 +519,9 @@ def build_argparser() -> argparse.ArgumentParser:
     pr.add_argument('run', metavar='RUN_DIR_OR_PKL', help="an 'icefast train' folder or its model.pkl")
     pr.add_argument('images', nargs='+', metavar='IMAGES', help='image files or folders of images')
     pr.add_argument('--out', required=True, metavar='OUT', help='folder for the outputs')
-    pr.add_argument('--threshold', type=float, default=0.5, help='keep detections scoring at least this (default: 0.5)')
+    pr.add_argument('--threshold', type=float, default=None,
+                    help="keep detections scoring at least this (default: each class's threshold, chosen on the run's "
+                         "validation set; 0.25 for a class without one)")
     pr.add_argument('--data', default=None, metavar='PATH', help="the images' data set, to use its image ids in predictions.json")
     pr.add_argument('--format', default=None, choices=list(DATA_LAYOUTS), help='format of --data')
     pr.add_argument('--images', '--images-dir', dest='data_images', default=None, metavar='DIR',
@@ -515,11 +533,16 @@ def build_argparser() -> argparse.ArgumentParser:
 
     e = sub.add_parser('eval', help='COCO metrics of a trained model on a data set', formatter_class=fmt, epilog=_EPILOG_DATA,
                        description=_wrap("Evaluate a trained model on a data set (all its images, or those of --split) with "
-                                         "pycocotools: mAP, mAP50, mAP75, mAR100 (and mask mAPs for Mask R-CNN), and AP per class."))
+                                         "pycocotools: the 12 COCO figures (and the mask ones for Mask R-CNN), AP, AP50 and AR100 "
+                                         "per class, a confusion matrix and precision-recall curves."))
     e.add_argument('run', metavar='RUN_DIR_OR_PKL', help="an 'icefast train' folder or its model.pkl")
     _common(e)
     e.add_argument('--split', default=None, metavar='FILE', help='evaluate only the images listed (ids or file names, one per line)')
-    e.add_argument('--out', default=None, metavar='DIR', help='also write eval.json, eval.txt and predictions.json here')
+    e.add_argument('--out', default=None, metavar='DIR',
+                   help='also write eval.json (all figures), eval.txt, per_class.csv, predictions.json, confusion.png and pr.png here')
+    e.add_argument('--iou', type=float, default=0.5, help='IoU of the confusion matrix and the PR curves (default: 0.5)')
+    e.add_argument('--threshold', type=float, default=None,
+                   help="score threshold of the confusion matrix (default: each class's, chosen on the run's validation set)")
     e.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     e.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
 

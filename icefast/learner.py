@@ -16,15 +16,17 @@ from fastai.learner import Recorder
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
 from .data import split_batch, letterbox_scale, Letterbox
-from .metrics import COCOEvaluator, detections_to_coco
+from .metrics import (COCOEvaluator, detections_to_coco, evaluate_detections, figure_names, per_class_frame, keep_above,
+                             choose_thresholds, confusion_matrix, plot_confusion_matrix, plot_pr_curves, SHOWN_FIGURES,
+                             SCORE_THRESHOLD, _saved)
 from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe, register_learner
 
 # %% auto #0
 __all__ = ['FINE_TUNE_DEFAULTS', 'CLASS_COLORS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
            'BatchTargets', 'DetectionAdapter', 'predicts_masks', 'detection_metrics', 'loss_parts', 'param_groups_of',
-           'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'draw_detections',
-           'plot_pairs', 'DetectionInterpretation', 'detection_learner', 'class_color', 'render_detections',
-           'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find']
+           'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'ValidationResults',
+           'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner', 'class_color',
+           'render_detections', 'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -52,7 +54,7 @@ class LossPart(Metric):
     def name(self): return self.key
 
 class COCOMetric(Metric):
-    "One of the COCO scalars (`mAP`, `mAP50`, `mAP75`, `mAR100`, `mask_mAP`, `mask_mAP50`), from one evaluation per epoch."
+    "One of the COCO figures (`metrics.figure_names`: `mAP`, `mAP50`, ..., `mask_mAP`, ...), from one evaluation per epoch."
     def __init__(self, key:str): self.key = key
     def reset(self): pass
     def accumulate(self, learn): self.learn = learn
@@ -102,8 +104,10 @@ class BatchTargets:
 class DetectionAdapter(Callback):
     "Batches to detector calls and back: loss-side targets in, loss dict and detections out, COCO results per epoch."
     order, name = -10, 'detection'
-    def __init__(self, class_map, masks:bool=False): self.class_map, self.masks, self._evaluator, self._epoch_metrics = class_map, masks, None, None
-    def __getstate__(self): return {**self.__dict__, '_evaluator': None, '_epoch_metrics': None, '_results': [], 'learn': None}
+    def __init__(self, class_map, masks:bool=False):
+        self.class_map, self.masks, self._evaluator, self._epoch_metrics, self._items = class_map, masks, None, None, None
+        self.threshold_rule = {}  # `choose_thresholds`' arguments, applied after every validation (`learn.tune_thresholds`)
+    def __getstate__(self): return {**self.__dict__, '_evaluator': None, '_epoch_metrics': None, '_results': [], '_items': None, 'learn': None}
 
     def before_batch(self):
         if not self.learn.yb:  # inference (test_dl): images only
@@ -114,7 +118,11 @@ class DetectionAdapter(Callback):
             for t in targets: t.pop('masks', None)
         self.learn.xb, self.learn.yb = (images, targets), (BatchTargets(targets),)
 
-    def before_validate(self): self._results, self._epoch_metrics = [], None
+    def before_validate(self): self._results, self._epoch_metrics, self._items = [], None, self.learn.dl.items
+
+    def after_validate(self):
+        "With COCO metrics: evaluate now and choose the score thresholds on this validation (`tune_thresholds`)."
+        if any(isinstance(m, COCOMetric) for m in self.learn.metrics): self.tune_thresholds(**self.threshold_rule)
 
     def before_fit(self):
         self._benchmark = torch.backends.cudnn.benchmark
@@ -150,23 +158,44 @@ class DetectionAdapter(Callback):
             self._results += detections_to_coco(rec.image_id, {k: v.numpy() for k, v in to_original(d, rec, hw).items()}, self.class_map)
 
     def evaluator(self) -> COCOEvaluator:
-        "The COCO evaluator of the validation records (built once)."
-        if self._evaluator is None: self._evaluator = COCOEvaluator(list(self.dls.valid.items), self.class_map, masks=self.masks)
+        "The COCO evaluator of the records last validated (the validation set's by default), built once for them."
+        items = self.dls.valid.items if self._items is None else self._items
+        if self._evaluator is None or self._evaluator_items is not items:
+            self._evaluator, self._evaluator_items = COCOEvaluator(list(items), self.class_map, masks=self.masks), items
         return self._evaluator
 
     def epoch_metrics(self) -> dict:
-        "The COCO scalars of this epoch's validation, evaluated once."
+        "All COCO figures of this epoch's validation, evaluated once."
         if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(_gather_results(self._results))
         return self._epoch_metrics
+
+    def evaluated(self) -> bool:
+        "Whether the last validation has been evaluated (its figures, per-class table and PR curves are there)."
+        return self._epoch_metrics is not None
+
+    def tune_thresholds(self, precision:float=None, iou:float=0.5) -> dict:
+        "Per-class score thresholds from the last validation's PR curves (`choose_thresholds`), kept on the model."
+        self.epoch_metrics()
+        self.learn.model.score_thresholds = choose_thresholds(self.evaluator().pr_curves('bbox', iou), precision)
+        return self.learn.model.score_thresholds
 
 # %% ../nbs/09_learner.ipynb #e02aca94
 def predicts_masks(model) -> bool:
     "Whether `model`'s detections carry masks (the protocol's `predicts_masks`; False when it does not say)."
     return bool(getattr(model, 'predicts_masks', False))
 
-def detection_metrics(model) -> list:
-    "The COCO metrics for `model`: box mAP, mAP50, mAP75 and mAR100, plus mask mAP and mAP50 when it predicts masks."
-    keys = ['mAP', 'mAP50', 'mAP75', 'mAR100'] + (['mask_mAP', 'mask_mAP50'] if predicts_masks(model) else [])
+def detection_metrics(
+    model, # The detector: mask figures when it predicts masks
+    figures=None, # 'all', or names of `metrics.figure_names`; default: box mAP, mAP50, mAP75 and mAR100 (and mask mAP, mAP50)
+) -> list:
+    "The COCO figures the progress table shows for `model` (`learn.validate()` returns all of them either way)."
+    masks = predicts_masks(model)
+    if figures == 'all': keys = figure_names(masks)
+    elif figures is None: keys = list(SHOWN_FIGURES) + (['mask_mAP', 'mask_mAP50'] if masks else [])
+    else:
+        keys, known = [figures] if isinstance(figures, str) else list(figures), figure_names(masks)
+        unknown = [k for k in keys if k not in known]
+        if unknown: raise ValueError(f"figures {unknown}: not among {'' if masks else 'the box figures '}{known} (or 'all')")
     return [COCOMetric(k) for k in keys]
 
 def loss_parts(model) -> list:
@@ -240,6 +269,36 @@ class DetectionLearner(Learner):
         self.unfreeze()
         self.fit_one_cycle(epochs, slice(base_lr/a['lr_mult'], base_lr), pct_start=a['pct_start'], div=a['div'], **kwargs)
 
+    def validate(self, ds_idx:int=1, dl=None, cbs=None):
+        "fastai's `validate` (the loss, then `learn.metrics`), with every COCO figure in `.figures` and the per-class table in `.per_class`."
+        res = super().validate(ds_idx, dl, cbs)
+        if res is None or not self.detection.evaluated(): return res
+        return ValidationResults(res, self.detection.epoch_metrics(), self.per_class())
+
+    def per_class(self):
+        "AP, AP50, AR100 and ground-truth count of each class in the last validation (evaluated now if it was not), a DataFrame."
+        if self.detection._items is None: self.validate()
+        self.detection.epoch_metrics()
+        return per_class_frame(self.detection.evaluator().per_class)
+
+    @property
+    def thresholds(self) -> dict:
+        "The per-class score thresholds chosen on the last validation (class name to score), kept with the model."
+        return dict(getattr(self.model, 'score_thresholds', None) or {})
+
+    def tune_thresholds(self,
+        precision:float=None, # Each class's threshold keeps at least this precision; default: each class's best F1
+        iou:float=0.5, # The IoU of the PR curves
+    ) -> dict:
+        "Choose the per-class thresholds on the validation set (validating if it has not been), and by this rule after every validation."
+        self.detection.threshold_rule = dict(precision=precision, iou=iou)
+        if self.detection._items is None: self.validate()
+        return self.detection.tune_thresholds(precision, iou)
+
+    def _threshold(self, threshold):
+        "`threshold` if given, else the chosen per-class thresholds (others `SCORE_THRESHOLD`)."
+        return threshold if threshold is not None else (self.thresholds or SCORE_THRESHOLD)
+
     def to_fp16(self, **kwargs):
         "Mixed precision: CUDA fp16 autocast with a grad scaler on a GPU; on the CPU a warning and fp32."
         return self.add_cb(DetectionMixedPrecision(AMPMode.FP16, **kwargs))
@@ -255,14 +314,14 @@ class DetectionLearner(Learner):
         if use_amp and not hasattr(self, 'mixed_precision'): self.add_cb(DetectionMixedPrecision(AMPMode(amp_mode), **kwargs))
         return self
 
-    def _detect(self, dl, records):
-        "Detections of `dl`'s images (in order) mapped to `records`' original pixels."
+    def _detect(self, dl, records, show:bool=False):
+        "Detections of `dl`'s images (in order) mapped to `records`' original pixels (a progress bar with `show`)."
         dev = torch.device(dl.device or self.dls.device or 'cpu')
         if next(self.model.parameters()).device != dev: self.model.to(dev)
         if self.model.training: self.model.eval()
         res, i = [], 0
         with torch.no_grad():
-            for b in dl:
+            for b in _bar(dl, len(dl), show):
                 images = b[0].as_subclass(torch.Tensor)
                 for d in self.model(images):
                     d = {k: v for k, v in d.items() if k != 'masks' or self.detection.masks}
@@ -283,76 +342,129 @@ class DetectionLearner(Learner):
         targs = [{'boxes': torch.from_numpy(r.boxes), 'labels': torch.from_numpy(r.labels)} for r in records]
         return self._detect(dl, records), targs
 
-    def predict(self, item, threshold:float=0.0) -> dict:
-        "Detections in one image (a path, a `Record`, a PIL image, an array): xyxy boxes in its own pixels, class `names`, `scores`, `masks`."
+    def predict(self,
+        item, # A path, a `Record`, a PIL image or an array
+        threshold=None, # Keep detections scoring at least this (0: all); default: the chosen `thresholds`, else `SCORE_THRESHOLD`
+    ) -> dict:
+        "Detections in one image: xyxy boxes in its own pixels, class `names`, `scores` (and `masks`)."
         from icefast.data import inference_item
         item = inference_item(item)
         dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
-        d = self._detect(dl, [_as_record(item)])[0]
-        keep = d['scores'] >= threshold
-        d = {k: v[keep] for k, v in d.items()}
+        d = keep_above(self._detect(dl, [_as_record(item)])[0], self._threshold(threshold), self.detection.class_map)
         d['names'] = [self.detection.class_map.get_name(int(l)) for l in d['labels']]
         return d
 
-    def show_results(self, ds_idx:int=1, max_n:int=4, threshold:float=0.5, figsize=None):
-        "Ground truth (left) next to detections above `threshold` (right) on the original images."
+    def show_results(self, ds_idx:int=1, max_n:int=4, threshold=None, figsize=None):
+        "Ground truth (left) next to detections (right) scoring at least `threshold` (default: as `predict`) on the original images."
         records = list(self.dls[ds_idx].items)[:max_n]
         preds = self._detect(self.dls.test_dl(records, num_workers=0), records)
-        return plot_pairs(records, preds, self.detection.class_map, threshold, figsize=figsize)
+        return plot_pairs(records, preds, self.detection.class_map, self._threshold(threshold), figsize=figsize)
 
-    def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold:float=0.5, figsize=None):
+    def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold=None, figsize=None):
         "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
         return DetectionInterpretation.from_learner(self, ds_idx).plot_top_losses(k, threshold, figsize)
+
+class ValidationResults(list):
+    "What `validate` returns: fastai's list (the loss, then `learn.metrics`), with all COCO `figures` and the `per_class` table."
+    def __init__(self, values, figures:dict, per_class):
+        super().__init__(values)
+        self.figures, self.per_class = figures, per_class
 
 def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None):
     "Show `render_detections` of `img` on matplotlib axes `ax`, `title` above the picture (never under a label)."
     ax.imshow(render_detections(img, boxes, labels, class_map, scores, masks)); ax.axis('off')
     if title: ax.set_title(title, fontsize=9)
 
-def plot_pairs(records, preds, class_map, threshold:float=0.5, titles=None, figsize=None):
-    "One row per record: its ground truth next to its detections (original pixels) above `threshold`."
+def plot_pairs(records, preds, class_map, threshold=None, titles=None, figsize=None):
+    "One row per record: its ground truth next to its detections (original pixels) scoring at least `threshold` (`keep_above`)."
     import matplotlib.pyplot as plt
     from icefast.core import open_image
     fig, axs = plt.subplots(len(records), 2, figsize=figsize or (10, 4*len(records)), squeeze=False)
     for i, (r, p, (a, b)) in enumerate(zip(records, preds, axs)):
-        img, keep = open_image(r.filepath), (p['scores'] >= threshold).numpy()
+        img, p = open_image(r.filepath), {k: v.numpy() for k, v in keep_above(p, threshold, class_map).items()}
         gt_masks = r.mask_array() if r.masks is not None and 'masks' in p else None
         draw_detections(a, img, r.boxes, r.labels, class_map, masks=gt_masks, title=f"{r.filepath.name}: ground truth")
-        draw_detections(b, img, p['boxes'].numpy()[keep], p['labels'].numpy()[keep], class_map, p['scores'].numpy()[keep],
-                        p['masks'].numpy()[keep] if 'masks' in p else None, titles[i] if titles else 'predictions')
+        draw_detections(b, img, p['boxes'], p['labels'], class_map, p['scores'], p.get('masks'), titles[i] if titles else 'predictions')
     plt.tight_layout()
     return fig
 
+def _bar(it, total:int, show:bool=True):
+    "`it` with a fastprogress bar (left out with `show=False`)."
+    if not show: return it
+    from fastprogress.fastprogress import progress_bar
+    return progress_bar(it, total=total, leave=False)
+
 class DetectionInterpretation:
-    "The images of a dataset ranked by their detection loss (fastai's `Interpretation`, for detectors)."
-    def __init__(self, records, losses, preds, class_map): self.records, self.losses, self.preds, self.class_map = records, losses, preds, class_map
+    "A dataset's detections and their errors (fastai's `Interpretation`, for detectors): losses, per-class figures, confusions, PR curves."
+    def __init__(self, records, preds, class_map, masks:bool=False, losses=None, learn=None, thresholds=None):
+        self.records, self.preds, self.class_map, self.masks, self.learn = records, preds, class_map, masks, learn
+        self._losses, self.thresholds, self._evaluation = losses, thresholds, None
 
     @classmethod
-    def from_learner(cls, learn, ds_idx:int=1, dl=None):
-        "Loss and detections of each image of `dl` (default: `learn.dls[ds_idx]`), one image per forward pass."
-        dl = (dl or learn.dls[ds_idx]).new(bs=1, shuffle=False, drop_last=False)
-        model, masks, records = learn.model.eval(), learn.detection.masks, list(dl.items)
-        losses, preds = [], []
-        with torch.no_grad():
-            for rec, b in zip(records, dl):
-                images, targets = split_batch(b)
-                if not masks:
-                    for t in targets: t.pop('masks', None)
-                loss, dets = model(images, targets)  # eval mode with targets: losses and detections from one pass
-                losses.append(float(sum(loss.values())))
-                d = {k: v for k, v in dets[0].items() if k != 'masks' or masks}
-                preds.append(to_original(d, rec, tuple(images.shape[-2:])))
-        return cls(records, torch.tensor(losses), preds, learn.detection.class_map)
+    def from_learner(cls, learn, ds_idx:int=1, dl=None, show:bool=True):
+        "The detections of `dl` (default: `learn.dls[ds_idx]`) in batches, with a progress bar (`show`); losses when first asked for."
+        dl = (dl or learn.dls[ds_idx]).new(shuffle=False, drop_last=False)
+        records = list(dl.items)
+        preds = learn._detect(dl, records, show=show)
+        return cls(records, preds, learn.detection.class_map, learn.detection.masks, learn=learn, thresholds=learn._threshold(None))
+
+    @property
+    def losses(self) -> torch.Tensor:
+        "Each image's detection loss, one image per pass (detectors sum their losses over a batch), with a progress bar."
+        if self._losses is None:
+            if self.learn is None: raise ValueError("no losses: make the interpretation with DetectionInterpretation.from_learner")
+            dl = self.learn.dls.test_dl(self.records, with_labels=True, bs=1, num_workers=0)
+            model, res = self.learn.model.eval(), []
+            with torch.no_grad():
+                for b in _bar(dl, len(self.records)):
+                    images, targets = split_batch(b)
+                    if not self.masks:
+                        for t in targets: t.pop('masks', None)
+                    loss, _ = model(images, targets)  # eval mode with targets: the losses of one pass
+                    res.append(float(sum(loss.values())))
+            self._losses = torch.tensor(res)
+        return self._losses
 
     def top_losses(self, k:int=None) -> tuple:
         "The `k` highest losses and their indices into `records`."
         return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
 
-    def plot_top_losses(self, k:int=4, threshold:float=0.5, figsize=None):
-        "The `k` images with the highest loss: ground truth next to detections above `threshold`, the loss in the title."
+    def plot_top_losses(self, k:int=4, threshold=None, figsize=None):
+        "The `k` images with the highest loss: ground truth next to detections above `threshold` (default: the learner's), the loss in the title."
         losses, idxs = self.top_losses(k)
-        return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map, threshold,
-                          [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
+        return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map,
+                          self.thresholds if threshold is None else threshold, [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
+
+    def evaluation(self) -> dict:
+        "`metrics.evaluate_detections` of these detections: all COCO figures, the per-class table, the evaluator (computed once)."
+        if self._evaluation is None: self._evaluation = evaluate_detections(self.records, self.preds, self.class_map, self.masks)
+        return self._evaluation
+
+    def per_class(self):
+        "AP, AP50, AR100 and ground-truth count of each class, a DataFrame."
+        return per_class_frame(self.evaluation()['per_class'])
+
+    def pr_curves(self, iou:float=0.5, kind:str='bbox') -> dict:
+        "Each class's precision-recall curve at IoU `iou` (`COCOEvaluator.pr_curves`)."
+        return self.evaluation()['evaluator'].pr_curves(kind, iou)
+
+    def choose_thresholds(self, precision:float=None, iou:float=0.5) -> dict:
+        "Per-class thresholds from these PR curves (`metrics.choose_thresholds`), used by this interpretation's pictures."
+        self.thresholds = choose_thresholds(self.pr_curves(iou), precision)
+        return self.thresholds
+
+    def plot_pr_curves(self, iou:float=0.5, fname=None):
+        "The PR curves, the thresholds in use as dots."
+        return plot_pr_curves(self.pr_curves(iou), self.thresholds if isinstance(self.thresholds, dict) else None, fname,
+                              title=f'precision-recall (IoU {iou})')
+
+    def confusion_matrix(self, iou:float=0.5, threshold=None):
+        "`metrics.confusion_matrix` of these detections (default threshold: the thresholds in use)."
+        return confusion_matrix(self.records, self.preds, self.class_map, iou, self.thresholds if threshold is None else threshold)
+
+    def plot_confusion_matrix(self, iou:float=0.5, threshold=None, normalize:bool=False, fname=None):
+        "The confusion matrix as a picture, background last."
+        return plot_confusion_matrix(self.confusion_matrix(iou, threshold), self.class_map, normalize, fname)
 
 _RESIZERS = ('Resize', 'RandomResizedCrop', 'RandomCrop', 'CropPad', 'RatioResize')
 
@@ -390,7 +502,8 @@ def _check_classes_and_masks(dls, model, class_map):
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
     model, # An icefast detector (`faster_rcnn.model`, `efficientdet.model`, ...) or any module with the `models.core.Detector` members
-    metrics=None, # Default: the COCO metrics and the loss components
+    metrics=None, # Default: the COCO `figures` and the loss components
+    figures=None, # The COCO figures of the progress table: 'all' or names (`detection_metrics`); default mAP, mAP50, mAP75, mAR100
     cpu_light:bool=None, # The model's `cpu_light()` sampling (R-CNN: fewer proposals and RoIs); default: when the DataLoaders are on the CPU
     cbs=None, # More callbacks
     **kwargs, # Passed to fastai's `Learner`
@@ -406,7 +519,7 @@ def detection_learner(
     light = getattr(model, 'cpu_light', None)
     if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and callable(light)
     if cpu_light and callable(light): print(f"icefast: training on CPU with {light()}")
-    if metrics is None: metrics = detection_metrics(model) + loss_parts(model)
+    if metrics is None: metrics = detection_metrics(model, figures) + loss_parts(model)
     return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
                             cbs=[DetectionAdapter(class_map, masks=predicts_masks(model)), *(cbs or [])], **kwargs)
 
@@ -444,7 +557,8 @@ def render_detections(
         a = np.asarray(img).astype(np.float32)
         for m, l in zip(np.asarray(masks), labels):
             m = m > 0
-            if m.shape != a.shape[:2]: continue
+            if m.shape != a.shape[:2]: raise ValueError(f"a mask of {m.shape[1]}x{m.shape[0]} pixels for an image of {a.shape[1]}x{a.shape[0]}: "
+                                                        "masks must be in the image's own pixels (as predict returns them)")
             a[m] = 0.6*a[m] + 0.4*np.array(class_color(l))
             a[_outline(m)] = class_color(l)
         img = Image.fromarray(a.astype(np.uint8))
@@ -460,7 +574,7 @@ def render_detections(
         x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
         w, h = x1 - x0 + 4, y1 - y0 + 4
         x, y = float(b[0]), float(b[1]) if b[3] - b[1] > 2*h else max(0., float(b[1]) - h)  # inside the box, or above a flat one
-        x = min(x, img.width - w)
+        x = max(0., min(x, img.width - w))
         if any(x < px1 and px0 < x + w and y < py1 and py0 < y + h for px0, py0, px1, py1 in placed): continue
         placed.append((x, y, x + w, y + h))
         draw.rectangle([x, y, x + w, y + h], fill=c)
@@ -505,6 +619,8 @@ class RunLog(Callback):
     def after_epoch(self):
         names, values = self.recorder.metric_names, self.recorder.log
         row = {'epoch': len(self.rows), **{n: _finite(v) for n, v in zip(names[1:-1], values[1:-1])}}
+        det = getattr(self.learn, 'detection', None)
+        if det is not None and det.evaluated(): row.update({k: _finite(v) for k, v in det.epoch_metrics().items() if k not in row})
         row['seconds'] = round(time.perf_counter() - self._start, 2)
         self.rows.append(row)
         if self.folder is not None: self.save(self.folder)
@@ -525,13 +641,6 @@ class RunLog(Callback):
     def plot(self, fname=None):
         "`plot_run` of this log."
         return plot_run(self.rows, self.batch_losses, fname)
-
-def _saved(fig, fname):
-    "`fig`, saved as `fname` and closed when one is given."
-    if fname is None: return fig
-    import matplotlib.pyplot as plt
-    fig.savefig(fname, dpi=90); plt.close(fig)
-    return fig
 
 def plot_run(rows:list, batch_losses:list=(), fname=None):
     "Losses (training per batch, validation per epoch) next to the COCO mAPs per epoch, from `RunLog` rows; saved as `fname` if given."

@@ -1,11 +1,16 @@
 """The `icefast` command line: train in every format, predict and eval on its runs, the demo's code path, and bad input
 that ends in one line on stderr with exit code 2 (no traceback)."""
-import csv, json, os, shutil, subprocess, sys, warnings
+import contextlib, csv, io, json, os, shutil, subprocess, sys, warnings
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from icefast.cli import main
+from icefast.metrics import COCO_FIGURES
 from icefast.synthetic import make_shapes, SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +111,19 @@ def test_eval_prints_the_metrics_table_per_class(coco_run, shapes, capsys):
     assert code == 0, err
     for word in ('mAP50', 'mAR100', 'class', 'circle', 'square', 'triangle'): assert word in stdout
     res = json.loads((out/'eval.json').read_text())
-    assert set(res['metrics']) == {'mAP', 'mAP50', 'mAP75', 'mAR100'} and set(res['per_class']['bbox']) == set(SHAPES)
+    assert list(res['metrics']) == list(COCO_FIGURES) and set(res['per_class']['bbox']) == set(SHAPES)
     assert res['n_images'] == 16 and 'its training images; --split' in stdout  # the run's 4 validation images and 12 more
+    with contextlib.redirect_stdout(io.StringIO()):  # every figure is pycocotools' on the file and the written predictions
+        gt = COCO(str(shapes/'annotations.json'))
+        E = COCOeval(gt, gt.loadRes(str(out/'predictions.json')), 'bbox'); E.evaluate(); E.accumulate(); E.summarize()
+    assert [res['metrics'][k] for k in COCO_FIGURES] == [float(v) if v > -1 else None for v in E.stats]
+    table = pd.read_csv(out/'per_class.csv', index_col='class')
+    assert list(table.columns) == ['AP', 'AP50', 'AR100', 'instances'] and set(table.index) == set(SHAPES)
+    conf = res['confusion']
+    assert conf['classes'] == ['background', *SHAPES] and conf['iou'] == 0.5
+    counts = np.array(conf['counts'])  # each class's row holds each of its objects once: found, confused or missed
+    assert [counts[i].sum() for i in range(1, 4)] == [res['per_class']['bbox'][n]['instances'] for n in SHAPES]
+    for f in ('confusion.png', 'pr.png'): assert (out/f).stat().st_size > 10000
     assert len((coco_run/'valid.txt').read_text().split()) == 4
     code, stdout, err = run(capsys, 'eval', coco_run, '--data', shapes, '--format', 'coco', '--split', coco_run/'valid.txt')
     assert code == 0 and 'on 4 images' in stdout and 'training images' not in stdout, err
@@ -130,7 +146,7 @@ def test_mask_rcnn_on_coco_masks_as_rle(shapes, tmp_path, capsys):
     assert mask_utils.decode(res[0]['segmentation']).shape == (80, 96)  # COCO RLE in the original pixels
     COCO(str(shapes/'annotations.json')).loadRes(res)
     code, stdout, err = run(capsys, 'eval', out, '--data', shapes, '--format', 'coco')
-    assert code == 0 and 'mask_mAP' in stdout and 'AP mask' in stdout, err
+    assert code == 0 and 'mask_mAP' in stdout and 'mask_AP50' in stdout, err
 
 
 def test_train_voc_fridge(samples, tmp_path, capsys):

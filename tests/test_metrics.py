@@ -9,7 +9,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from icefast.parsers import COCOParser
-from icefast.metrics import COCOEvaluator, detections_to_coco
+from icefast.metrics import COCOEvaluator, detections_to_coco, COCO_FIGURES, confusion_matrix, choose_thresholds, evaluate_detections
 from icefast.data import letterbox_scale
 
 SAMPLES = Path(__file__).parent/'data'/'samples'
@@ -61,8 +61,14 @@ def test_metrics_equal_pycocotools_on_the_original_file(coco_records, seed):
     ours = COCOEvaluator(records, cm, masks=True).evaluate(results)
     bbox, segm = pycocotools_stats(results, 'bbox'), pycocotools_stats(results, 'segm')
     assert 0.05 < ours['mAP'] < 0.95  # neither trivially 0 nor 1
-    assert ours['mAP'] == bbox[0] and ours['mAP50'] == bbox[1] and ours['mAP75'] == bbox[2] and ours['mAR100'] == bbox[8]
-    assert ours['mask_mAP'] == segm[0] and ours['mask_mAP50'] == segm[1]
+    assert_figures(ours, bbox) and assert_figures(ours, segm, 'mask_')
+
+def assert_figures(ours, stats, prefix=''):
+    "All 12 figures equal pycocotools' `stats`, NaN where it says -1."
+    assert len(stats) == len(COCO_FIGURES) == 12
+    for k, v in zip(COCO_FIGURES, stats):
+        assert (ours[prefix + k] == v) if v > -1 else ours[prefix + k] != ours[prefix + k], (prefix + k, ours[prefix + k], v)
+    return True
 
 def test_results_load_in_pycocotools_with_the_source_ids(coco_records):
     records, cm = coco_records
@@ -73,9 +79,16 @@ def test_results_load_in_pycocotools_with_the_source_ids(coco_records):
     assert {a['category_id'] for a in results} <= set(gt.getCatIds())
 
 def test_no_detection_at_all_gives_zeros(coco_records):
+    "pycocotools' own figures without a detection (its loadRes([]) raises): 0, and NaN where it has nothing to measure (-1)."
     records, cm = coco_records
     ev = COCOEvaluator(records, cm, masks=True)
-    assert set(ev.evaluate([]).values()) == {0.0}
+    res = ev.evaluate([])
+    assert len(res) == 24 and {v for v in res.values() if v == v} == {0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(SAMPLES/'annotations.json'))
+        E = COCOeval(gt, gt.loadRes([{'image_id': records[0].image_id, 'category_id': 1, 'bbox': [0, 0, 1, 1], 'score': 0.01}]), 'bbox')
+        E.evaluate(); E.accumulate(); E.summarize()
+    assert [k for k in COCO_FIGURES if res[k] != res[k]] == [k for k, v in zip(COCO_FIGURES, E.stats) if v == -1]
 
 def test_per_class_ap(coco_records):
     records, cm = coco_records
@@ -83,8 +96,92 @@ def test_per_class_ap(coco_records):
     ev.evaluate(fixed_predictions(records, cm))
     per = ev.per_class['bbox']
     present = {cm.get_name(int(l)) for r in records for l, c in zip(r.labels, r.iscrowd) if not c}
-    assert {k for k, v in per.items() if v == v} == present  # NaN for classes without ground truth
-    assert all(0 <= per[k] <= 1 for k in present)
+    assert {k for k, v in per.items() if v['AP'] == v['AP']} == present  # NaN for classes without ground truth
+    assert all(0 <= per[k]['AP'] <= 1 for k in present)
+
+@pytest.mark.parametrize('kind', ['bbox', 'segm'])
+def test_per_class_table_equals_cocoeval_of_each_class_alone(coco_records, kind):
+    "AP, AP50, AR100 of each class == COCOeval with catIds=[that class]; instances == a hand count without crowd regions."
+    records, cm = coco_records
+    results = fixed_predictions(records, cm, seed=1)
+    ev = COCOEvaluator(records, cm, masks=True)
+    ev.evaluate(results)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(SAMPLES/'annotations.json'))
+        dt = gt.loadRes(copy.deepcopy(results))
+        checked = 0
+        for cat in gt.getCatIds():
+            name = cm.get_name(cm.from_source_id(cat))
+            row = ev.per_class[kind][name]
+            assert row['instances'] == sum(1 for a in gt.dataset['annotations'] if a['category_id'] == cat and not a['iscrowd'])
+            E = COCOeval(gt, dt, kind); E.params.catIds = [cat]
+            E.evaluate(); E.accumulate(); E.summarize()
+            for k, i in (('AP', 0), ('AP50', 1), ('AR100', 8)):
+                assert (row[k] == pytest.approx(E.stats[i], abs=1e-12)) if E.stats[i] > -1 else row[k] != row[k], (name, k)
+            checked += E.stats[0] > -1
+    assert checked >= 3
+
+def synthetic_set(tmp_path):
+    "Records and detections with gapped category ids, a crowd region, an image without boxes, a class never detected and one never present."
+    from PIL import Image
+    from icefast.core import ClassMap, Record
+    for n in 'abc': Image.new('RGB', (100, 80)).save(tmp_path/f'{n}.png')
+    cm = ClassMap(['cat', 'dog', 'bird', 'fish'], source_ids=[3, 7, 20, 21])  # fish: no ground truth
+    recs = [Record(tmp_path/'a.png', 10, 100, 80, [1, 2, 3], [[5, 5, 30, 30], [40, 10, 90, 60], [0, 50, 20, 78]]),
+            Record(tmp_path/'b.png', 11, 100, 80, [1, 1], [[10, 10, 40, 40], [50, 20, 99, 79]], iscrowd=[False, True]),
+            Record(tmp_path/'c.png', 12, 100, 80)]
+    dets = [{'boxes': np.array([[6, 5, 30, 31], [42, 12, 88, 60], [60, 60, 80, 79.]]), 'scores': np.array([0.9, 0.6, 0.4]),
+             'labels': np.array([1, 1, 4])},  # the cat found, the dog taken for a cat, a fish invented; the bird missed
+            {'boxes': np.array([[10, 12, 41, 40], [55, 25, 95, 75], [0, 0, 5, 5.]]), 'scores': np.array([0.8, 0.7, 0.1]),
+             'labels': np.array([1, 2, 1])},  # the cat found, a dog in the crowd region (ignored), a low-scoring cat
+            {'boxes': np.array([[20, 20, 60, 60.]]), 'scores': np.array([0.5]), 'labels': np.array([2])}]  # a dog in an empty image
+    return recs, dets, cm
+
+def test_synthetic_figures_and_per_class_equal_pycocotools(tmp_path):
+    from icefast.metrics import records_to_coco
+    recs, dets, cm = synthetic_set(tmp_path)
+    res = evaluate_detections(recs, dets, cm)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(); gt.dataset = copy.deepcopy(records_to_coco(recs, cm)); gt.createIndex()
+        E = COCOeval(gt, gt.loadRes(copy.deepcopy(res['results'])), 'bbox'); E.evaluate(); E.accumulate(); E.summarize()
+    assert_figures(res['metrics'], E.stats)
+    per = res['per_class']['bbox']
+    assert [per[n]['instances'] for n in cm.classes] == [2, 1, 1, 0]
+    assert per['bird']['AP'] == 0.0 and per['fish']['AP'] != per['fish']['AP']  # never detected: 0; never present: NaN
+    assert per['cat']['AP50'] == pytest.approx(1.0)
+
+def test_confusion_matrix_counts_by_hand(tmp_path):
+    recs, dets, cm = synthetic_set(tmp_path)
+    M = confusion_matrix(recs, dets, cm, iou=0.5, threshold=0.3)
+    want = np.zeros((5, 5), int)
+    want[1, 1] = 2  # both cats found (the one under the threshold is left out)
+    want[2, 1] = 1  # the dog taken for a cat
+    want[3, 0] = 1  # the bird missed
+    want[0, 4] = 1  # the invented fish
+    want[0, 2] = 1  # the dog in the empty image (the one in the crowd region is neither right nor wrong)
+    assert (M == want).all(), M
+    assert confusion_matrix(recs, dets, cm, threshold=0.0)[0, 1] == 1  # with every detection: the low-scoring cat is a false alarm
+    per_class = confusion_matrix(recs, dets, cm, threshold={'cat': 0.95})  # thresholds by class name, others SCORE_THRESHOLD
+    assert per_class[1, 1] == 0 and per_class[1, 0] == 2 and per_class[0, 2] == 1
+    assert confusion_matrix(recs, dets, cm, iou=0.99).trace() == 0  # no pair overlaps that much
+
+def test_thresholds_at_the_best_f1_or_a_precision_target(tmp_path):
+    "One class, 3 objects; detections scored 0.9 (right), 0.8 (right), 0.7 (wrong), 0.6 (right), 0.3, 0.2 (wrong)."
+    from PIL import Image
+    from icefast.core import ClassMap, Record
+    Image.new('RGB', (200, 60)).save(tmp_path/'a.png')
+    cm = ClassMap(['thing'])
+    gt = [[0, 0, 20, 20], [50, 0, 70, 20], [100, 0, 120, 20]]
+    rec = Record(tmp_path/'a.png', 1, 200, 60, [1, 1, 1], gt)
+    boxes = np.array([gt[0], gt[1], [150, 30, 170, 50], gt[2], [150, 0, 170, 20], [0, 30, 20, 50]], np.float32)
+    det = {'boxes': boxes, 'scores': np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2]), 'labels': np.ones(6, int)}
+    res = evaluate_detections([rec], [det], cm)
+    curves = res['evaluator'].pr_curves()
+    # F1 keeping scores >= 0.6: precision 3/4, recall 1: 0.857, the best (>= 0.8: 0.8; >= 0.9: 0.5; >= 0.7: 0.667)
+    assert choose_thresholds(curves) == {'thing': pytest.approx(0.6)}
+    assert choose_thresholds(curves, precision=0.9) == {'thing': pytest.approx(0.8)}  # the most recall at precision 1
+    assert choose_thresholds(curves, precision=1.01) == {}  # never reached: the default applies
+    with pytest.raises(ValueError, match='COCO evaluates at IoU'): res['evaluator'].pr_curves(iou=0.33)
 
 def test_string_image_ids_and_default_category_ids(tmp_path):
     from PIL import Image
@@ -142,9 +239,61 @@ def test_learner_metrics_equal_pycocotools_on_get_preds(coco_records):
     assert 0.05 < ours['mAP'] < 0.95 and 0.05 < ours['mask_mAP'] < 0.95
     assert [ours[k] for k in ('mAP', 'mAP50', 'mAP75', 'mAR100')] == [bbox[0], bbox[1], bbox[2], bbox[8]]
     assert [ours['mask_mAP'], ours['mask_mAP50']] == [segm[0], segm[1]]
-    per = learn.detection.evaluator().per_class
-    assert set(per) == {'bbox', 'segm'} and any(v == v and v > 0 for v in per['bbox'].values())
+    with learn.no_bar(), learn.no_logging(): res = learn.validate()
+    assert assert_figures(res.figures, bbox) and assert_figures(res.figures, segm, 'mask_')  # all 24, whatever the table shows
+    table = learn.per_class()
+    assert list(table.columns) == ['AP', 'AP50', 'AR100', 'mask_AP', 'mask_AP50', 'mask_AR100', 'instances']
+    assert table['AP'].max() > 0 and (table.equals(res.per_class))
+    assert learn.thresholds and set(learn.thresholds) <= set(cm.classes)  # chosen on this validation, kept on the model
     model.empty = True  # an epoch without a single detection: zeros, not pycocotools' IndexError
     with learn.no_bar(), learn.no_logging(): res = learn.validate()
     assert res[1:] == [0.0] * 6
     assert all(len(p['boxes']) == 0 for p in learn.get_preds()[0])
+
+def test_thresholds_chosen_on_validation_are_used_by_predict(coco_records):
+    "After validate(): per-class thresholds on the model; predict keeps detections above their class's, threshold=0 all of them."
+    from icefast.data import dataloaders
+    from icefast.learner import detection_learner
+    records, cm = coco_records
+    every = lambda items: (list(range(len(items))), list(range(len(items))))
+    dls = dataloaders(records, cm, size=256, bs=4, batch_tfms=[], splitter=every)
+    model = FixedMaskRCNN(list(dls.valid.items), fixed_detections(list(dls.valid.items), cm))
+    model.remember(dls.valid)
+    learn = detection_learner(dls, model)
+    assert learn.thresholds == {}
+    with learn.no_bar(), learn.no_logging(): learn.validate()
+    chosen = learn.thresholds
+    assert chosen and chosen == model.score_thresholds and all(0 < v <= 1 for v in chosen.values())
+    item = dls.valid.items[int(np.argmax([len(r) for r in dls.valid.items]))]
+    everything, kept = learn.predict(item, threshold=0), learn.predict(item)
+    want = [n for n, s in zip(everything['names'], everything['scores'].tolist()) if s >= chosen.get(n, 0.25)]
+    assert kept['names'] == want and 0 < len(want) < len(everything['names'])
+    strict = learn.tune_thresholds(precision=1.0)
+    assert learn.detection.threshold_rule == {'precision': 1.0, 'iou': 0.5} and set(strict) <= set(chosen)
+
+def test_progress_table_figures_are_one_argument_away(coco_records):
+    from icefast.learner import detection_metrics
+    records, cm = coco_records
+    model = FixedMaskRCNN([], [])
+    assert len(detection_metrics(model, 'all')) == 24 and [m.name for m in detection_metrics(model, ['mAP_small'])] == ['mAP_small']
+    with pytest.raises(ValueError, match="figures \\['mAP_tiny'\\]"): detection_metrics(model, ['mAP_tiny'])
+    model.predicts_masks = False
+    with pytest.raises(ValueError, match='box figures'): detection_metrics(model, ['mask_mAP'])
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_faster_coco_eval_backend_equals_pycocotools(coco_records, tmp_path, seed):
+    "faster-coco-eval (icefast[fast-eval], in the dev extra) gives pycocotools' figures and per-class table to 1e-9."
+    records, cm = coco_records
+    results = fixed_predictions(records, cm, seed)
+    ref, fast = COCOEvaluator(records, cm, masks=True), COCOEvaluator(records, cm, masks=True, backend='faster_coco_eval')
+    a, b = ref.evaluate(results), fast.evaluate(results)
+    assert list(a) == list(b) and all(abs(a[k] - b[k]) <= 1e-9 or (a[k] != a[k] and b[k] != b[k]) for k in a), (a, b)
+    for kind in ('bbox', 'segm'):
+        for n, row in ref.per_class[kind].items():
+            assert all(abs(v - fast.per_class[kind][n][k]) <= 1e-9 or v != v for k, v in row.items()), (kind, n)
+    assert set(fast.evaluate([]).items()) - set(ref.evaluate([]).items()) <= {(k, v) for k, v in ref.evaluate([]).items() if v != v}
+    recs, dets, scm = synthetic_set(tmp_path)  # gapped ids, crowd, empty image, a class never detected, one never present
+    ra, rb = evaluate_detections(recs, dets, scm), COCOEvaluator(recs, scm, backend='faster_coco_eval')
+    fb = rb.evaluate(ra['results'])
+    assert all(abs(ra['metrics'][k] - fb[k]) <= 1e-9 or (fb[k] != fb[k] and ra['metrics'][k] != ra['metrics'][k]) for k in fb)
+    with pytest.raises(ValueError, match="backend 'coco'"): COCOEvaluator(records, cm, backend='coco')

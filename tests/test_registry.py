@@ -54,9 +54,10 @@ def test_every_architecture_round_trips_through_save_and_load(arch, backbone, tm
     for n, b in m.named_buffers():  # batch-norm statistics that differ from the init's
         if n.endswith('running_mean'): b.uniform_(-.1, .1)
     next(iter(m.parameters())).requires_grad_(False)
+    m.score_thresholds = {'a': 0.31, 'b': 0.62}  # chosen on a validation set: saved with the weights
     save_model(m, tmp_path/'m.pth')
     loaded = load_model(tmp_path/'m.pth')
-    assert type(loaded) is type(m) and loaded.icefast_config == m.icefast_config
+    assert type(loaded) is type(m) and loaded.icefast_config == m.icefast_config and loaded.score_thresholds == m.score_thresholds
     sa, sb = m.state_dict(), loaded.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [n for n, p in m.named_parameters() if not p.requires_grad] == [n for n, p in loaded.named_parameters() if not p.requires_grad]

@@ -109,15 +109,16 @@ def create_model(
 
 # %% ../../nbs/03a_models.core.ipynb #263bcd3a
 def save_model(model:nn.Module, path) -> None:
-    "Save `model`'s state dict with the config that rebuilds it (`icefast` key), to load with or without icefast."
+    "Save `model`'s state dict with the config that rebuilds it and its score thresholds (`icefast` key), to load with or without icefast."
     import torch
     cfg = dict(getattr(model, 'icefast_config', {}))
     cfg['frozen'] = [n for n, p in model.named_parameters() if not p.requires_grad]
+    cfg['score_thresholds'] = {str(k): float(v) for k, v in (getattr(model, 'score_thresholds', None) or {}).items()}
     torch.save({'state_dict': model.state_dict(), 'icefast': cfg}, path)
 
 def _config_of(cfg:dict, state:dict) -> dict:
     "`create_model` keywords from a saved config, files of earlier icefast versions included."
-    cfg = {k: v for k, v in cfg.items() if k != 'frozen'}
+    cfg = {k: v for k, v in cfg.items() if k not in ('frozen', 'score_thresholds')}
     if 'model_name' in cfg: cfg['backbone'] = cfg.pop('model_name') or cfg.get('backbone')  # EfficientDet, before the registry
     if 'min_size' in cfg: cfg['img_size'] = (cfg.pop('min_size'), cfg.pop('max_size'))  # torchvision's resize, before the registry
     cfg.update(cfg.pop('kwargs', {}))
@@ -143,6 +144,7 @@ def load_model(path) -> nn.Module:
     try: model.load_state_dict(ckpt['state_dict'])
     except RuntimeError as e: raise ValueError(f"{path}: the weights do not fit the {cfg['arch']} they say they are for: {e}") from None
     for n, p in model.named_parameters(): p.requires_grad_(n not in cfg.get('frozen', ()))
+    if cfg.get('score_thresholds'): model.score_thresholds = dict(cfg['score_thresholds'])  # chosen on a validation set
     model.icefast_pretrained = True  # trained weights: `fine_tune` uses the model's defaults for pretrained weights
     return model
 

@@ -95,10 +95,10 @@ class _RCNNMixin:
         "`learn.fine_tune`'s defaults: EfficientDet's measured recipe, which is also torchvision's references' shape (no frozen epoch, one rate)."
         return fine_tune_recipe(pretrained)
     def cpu_light(self, proposals:int=300, rois:int=64) -> str:
-        "CPU-sized sampling: `proposals` kept after NMS in training (torchvision: 2000) and `rois` sampled per image (512)."
-        self.rpn._pre_nms_top_n['training'], self.rpn._post_nms_top_n['training'] = proposals*2, proposals
+        "CPU-sized sampling: `proposals` kept after NMS (torchvision: 2000 training, 1000 testing) and `rois` sampled per image (512)."
+        for phase in ('training', 'testing'): self.rpn._pre_nms_top_n[phase], self.rpn._post_nms_top_n[phase] = proposals*2, proposals
         self.roi_heads.fg_bg_sampler.batch_size_per_image = rois
-        return f"lighter R-CNN sampling ({proposals} proposals, {rois} RoIs per image; torchvision: 2000, 512)"
+        return f"lighter R-CNN sampling ({proposals} proposals, {rois} RoIs per image; torchvision: 2000 and 1000, 512)"
 
 class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
     "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
