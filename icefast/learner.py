@@ -107,7 +107,8 @@ class DetectionAdapter(Callback):
     def __init__(self, class_map, masks:bool=False):
         self.class_map, self.masks, self._evaluator, self._epoch_metrics, self._items = class_map, masks, None, None, None
         self.threshold_rule = {}  # `choose_thresholds`' arguments, applied after every validation (`learn.tune_thresholds`)
-    def __getstate__(self): return {**self.__dict__, '_evaluator': None, '_epoch_metrics': None, '_results': [], '_items': None, 'learn': None}
+    def __getstate__(self):  # exported without the evaluation state (nor the records it refers to)
+        return {**self.__dict__, '_evaluator': None, '_evaluator_items': None, '_epoch_metrics': None, '_results': [], '_items': None, 'learn': None}
 
     def before_batch(self):
         if not self.learn.yb:  # inference (test_dl): images only
@@ -295,8 +296,8 @@ class DetectionLearner(Learner):
         if self.detection._items is None: self.validate()
         return self.detection.tune_thresholds(precision, iou)
 
-    def _threshold(self, threshold):
-        "`threshold` if given, else the chosen per-class thresholds (others `SCORE_THRESHOLD`)."
+    def score_threshold(self, threshold=None):
+        "The threshold `predict` applies: `threshold` if given, else the chosen per-class `thresholds` (others `SCORE_THRESHOLD`)."
         return threshold if threshold is not None else (self.thresholds or SCORE_THRESHOLD)
 
     def to_fp16(self, **kwargs):
@@ -350,7 +351,7 @@ class DetectionLearner(Learner):
         from icefast.data import inference_item
         item = inference_item(item)
         dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
-        d = keep_above(self._detect(dl, [_as_record(item)])[0], self._threshold(threshold), self.detection.class_map)
+        d = keep_above(self._detect(dl, [_as_record(item)])[0], self.score_threshold(threshold), self.detection.class_map)
         d['names'] = [self.detection.class_map.get_name(int(l)) for l in d['labels']]
         return d
 
@@ -358,7 +359,7 @@ class DetectionLearner(Learner):
         "Ground truth (left) next to detections (right) scoring at least `threshold` (default: as `predict`) on the original images."
         records = list(self.dls[ds_idx].items)[:max_n]
         preds = self._detect(self.dls.test_dl(records, num_workers=0), records)
-        return plot_pairs(records, preds, self.detection.class_map, self._threshold(threshold), figsize=figsize)
+        return plot_pairs(records, preds, self.detection.class_map, self.score_threshold(threshold), figsize=figsize)
 
     def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold=None, figsize=None):
         "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
@@ -406,7 +407,7 @@ class DetectionInterpretation:
         dl = (dl or learn.dls[ds_idx]).new(shuffle=False, drop_last=False)
         records = list(dl.items)
         preds = learn._detect(dl, records, show=show)
-        return cls(records, preds, learn.detection.class_map, learn.detection.masks, learn=learn, thresholds=learn._threshold(None))
+        return cls(records, preds, learn.detection.class_map, learn.detection.masks, learn=learn, thresholds=learn.score_threshold(None))
 
     @property
     def losses(self) -> torch.Tensor:
@@ -553,6 +554,7 @@ def render_detections(
     if not isinstance(img, Image.Image): img = open_image(img)
     img = img.convert('RGB')
     boxes, labels = np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels).reshape(-1)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], 1)  # PIL needs x0 <= x1
     if masks is not None and len(masks):
         a = np.asarray(img).astype(np.float32)
         for m, l in zip(np.asarray(masks), labels):

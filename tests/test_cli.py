@@ -124,6 +124,13 @@ def test_eval_prints_the_metrics_table_per_class(coco_run, shapes, capsys):
     counts = np.array(conf['counts'])  # each class's row holds each of its objects once: found, confused or missed
     assert [counts[i].sum() for i in range(1, 4)] == [res['per_class']['bbox'][n]['instances'] for n in SHAPES]
     for f in ('confusion.png', 'pr.png'): assert (out/f).stat().st_size > 10000
+    code, _, err = run(capsys, 'eval', coco_run, '--data', shapes/'annotations.json', '--format', 'coco', '--out', out/'fast',
+                       '--coco-backend', 'faster_coco_eval')
+    assert code == 0, err
+    fast = json.loads((out/'fast'/'eval.json').read_text())
+    code, _, err = run(capsys, 'eval', coco_run, '--data', shapes/'annotations.json', '--format', 'coco', '--iou', 0.33)
+    assert code != 0 and '--iou 0.33: COCO evaluates at 0.5, 0.55' in err
+    assert fast['metrics'] == res['metrics'] and fast['per_class'] == res['per_class']  # faster-coco-eval: pycocotools' figures
     assert len((coco_run/'valid.txt').read_text().split()) == 4
     code, stdout, err = run(capsys, 'eval', coco_run, '--data', shapes, '--format', 'coco', '--split', coco_run/'valid.txt')
     assert code == 0 and 'on 4 images' in stdout and 'training images' not in stdout, err
@@ -145,7 +152,7 @@ def test_mask_rcnn_on_coco_masks_as_rle(shapes, tmp_path, capsys):
     assert res and {r['image_id'] for r in res} <= {2, 3}
     assert mask_utils.decode(res[0]['segmentation']).shape == (80, 96)  # COCO RLE in the original pixels
     COCO(str(shapes/'annotations.json')).loadRes(res)
-    code, stdout, err = run(capsys, 'eval', out, '--data', shapes, '--format', 'coco')
+    code, stdout, err = run(capsys, 'eval', out, '--data', shapes, '--format', 'coco', '--split', out/'valid.txt')
     assert code == 0 and 'mask_mAP' in stdout and 'mask_AP50' in stdout, err
 
 

@@ -297,3 +297,27 @@ def test_faster_coco_eval_backend_equals_pycocotools(coco_records, tmp_path, see
     fb = rb.evaluate(ra['results'])
     assert all(abs(ra['metrics'][k] - fb[k]) <= 1e-9 or (fb[k] != fb[k] and ra['metrics'][k] != ra['metrics'][k]) for k in fb)
     with pytest.raises(ValueError, match="backend 'coco'"): COCOEvaluator(records, cm, backend='coco')
+
+def test_show_results_of_a_lightly_trained_model_shows_its_detections(coco_records):
+    "Scores all under 0.2 (a model after an epoch or two): the thresholds chosen on validation still show its detections."
+    import matplotlib; matplotlib.use('Agg')
+    from icefast.core import open_image
+    from icefast.data import dataloaders
+    from icefast.learner import detection_learner
+    from icefast.metrics import SCORE_THRESHOLD
+    records, cm = coco_records
+    every = lambda items: (list(range(len(items))), list(range(len(items))))
+    dls = dataloaders(records, cm, size=256, bs=4, batch_tfms=[], splitter=every)
+    dets = fixed_detections(list(dls.valid.items), cm)
+    for d in dets: d['scores'] = d['scores'] * 0.2
+    model = FixedMaskRCNN(list(dls.valid.items), dets)
+    model.remember(dls.valid)
+    learn = detection_learner(dls, model)
+    with learn.no_bar(), learn.no_logging(): learn.validate()
+    assert learn.thresholds and max(learn.thresholds.values()) < SCORE_THRESHOLD
+    i = next(i for i, r in enumerate(dls.valid.items) if len(r))
+    fig = learn.show_results(max_n=i + 1)
+    shown = np.asarray(fig.axes[2*i + 1].images[0].get_array())
+    assert (shown != np.asarray(open_image(dls.valid.items[i].filepath).convert('RGB'))).any()  # boxes drawn
+    fig = learn.show_results(max_n=i + 1, threshold=SCORE_THRESHOLD)  # the one default without thresholds: nothing
+    assert (np.asarray(fig.axes[2*i + 1].images[0].get_array()) == np.asarray(open_image(dls.valid.items[i].filepath).convert('RGB'))).all()
