@@ -322,6 +322,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'icefast.learner._check_size': ('learner.html#_check_size', 'icefast/learner.py'),
                                  'icefast.learner._finite': ('learner.html#_finite', 'icefast/learner.py'),
                                  'icefast.learner._gather_results': ('learner.html#_gather_results', 'icefast/learner.py'),
+                                 'icefast.learner._losses_and_detections': ('learner.html#_losses_and_detections', 'icefast/learner.py'),
                                  'icefast.learner._outline': ('learner.html#_outline', 'icefast/learner.py'),
                                  'icefast.learner.class_color': ('learner.html#class_color', 'icefast/learner.py'),
                                  'icefast.learner.detection_learner': ('learner.html#detection_learner', 'icefast/learner.py'),

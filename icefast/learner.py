@@ -363,7 +363,7 @@ class DetectionLearner(Learner):
 
     def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold=None, figsize=None):
         "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
-        return DetectionInterpretation.from_learner(self, ds_idx).plot_top_losses(k, threshold, figsize)
+        return DetectionInterpretation.from_learner(self, ds_idx, with_losses=True).plot_top_losses(k, threshold, figsize)
 
 class ValidationResults(list):
     "What `validate` returns: fastai's list (the loss, then `learn.metrics`), with all COCO `figures` and the `per_class` table."
@@ -395,6 +395,20 @@ def _bar(it, total:int, show:bool=True):
     from fastprogress.fastprogress import progress_bar
     return progress_bar(it, total=total, leave=False)
 
+def _losses_and_detections(learn, records:list, show:bool=True) -> tuple:
+    "Each record's detections (original pixels) and loss, one image per pass: detectors add up the losses of a batch."
+    dl = learn.dls.test_dl(records, with_labels=True, bs=1, num_workers=0)
+    model, masks, preds, losses = learn.model.eval(), learn.detection.masks, [], []
+    with torch.no_grad():
+        for rec, b in zip(records, _bar(dl, len(records), show)):
+            images, targets = split_batch(b)
+            if not masks:
+                for t in targets: t.pop('masks', None)
+            loss, dets = model(images, targets)  # eval mode with targets: losses and detections from one pass
+            losses.append(float(sum(loss.values())))
+            preds.append(to_original({k: v for k, v in dets[0].items() if k != 'masks' or masks}, rec, tuple(images.shape[-2:])))
+    return preds, torch.tensor(losses)
+
 class DetectionInterpretation:
     "A dataset's detections and their errors (fastai's `Interpretation`, for detectors): losses, per-class figures, confusions, PR curves."
     def __init__(self, records, preds, class_map, masks:bool=False, losses=None, learn=None, thresholds=None):
@@ -402,28 +416,25 @@ class DetectionInterpretation:
         self._losses, self.thresholds, self._evaluation = losses, thresholds, None
 
     @classmethod
-    def from_learner(cls, learn, ds_idx:int=1, dl=None, show:bool=True):
-        "The detections of `dl` (default: `learn.dls[ds_idx]`) in batches, with a progress bar (`show`); losses when first asked for."
+    def from_learner(cls,
+        learn, # A `detection_learner`
+        ds_idx:int=1, # The dataset of `learn.dls` (default: validation)
+        dl=None, # Or a DataLoader of records with their ground truth
+        with_losses:bool=False, # Also each image's loss, from one pass per image that gives its detections too
+        show:bool=True, # A progress bar
+    ):
+        "The detections of a dataset, in batches (or, `with_losses`, one image per pass with its loss)."
         dl = (dl or learn.dls[ds_idx]).new(shuffle=False, drop_last=False)
         records = list(dl.items)
-        preds = learn._detect(dl, records, show=show)
-        return cls(records, preds, learn.detection.class_map, learn.detection.masks, learn=learn, thresholds=learn.score_threshold(None))
+        preds, losses = _losses_and_detections(learn, records, show) if with_losses else (learn._detect(dl, records, show=show), None)
+        return cls(records, preds, learn.detection.class_map, learn.detection.masks, losses, learn, learn.score_threshold(None))
 
     @property
     def losses(self) -> torch.Tensor:
-        "Each image's detection loss, one image per pass (detectors sum their losses over a batch), with a progress bar."
+        "Each image's detection loss (computed now, one image per pass, if `from_learner` was not asked `with_losses`)."
         if self._losses is None:
             if self.learn is None: raise ValueError("no losses: make the interpretation with DetectionInterpretation.from_learner")
-            dl = self.learn.dls.test_dl(self.records, with_labels=True, bs=1, num_workers=0)
-            model, res = self.learn.model.eval(), []
-            with torch.no_grad():
-                for b in _bar(dl, len(self.records)):
-                    images, targets = split_batch(b)
-                    if not self.masks:
-                        for t in targets: t.pop('masks', None)
-                    loss, _ = model(images, targets)  # eval mode with targets: the losses of one pass
-                    res.append(float(sum(loss.values())))
-            self._losses = torch.tensor(res)
+            _, self._losses = _losses_and_detections(self.learn, self.records)
         return self._losses
 
     def top_losses(self, k:int=None) -> tuple:

@@ -231,6 +231,7 @@ def keep_above(
             for k, v in det.items()}
 
 def _as_tensor(keep):
+    "A numpy boolean mask as a torch one, to index tensors."
     import torch
     return torch.from_numpy(keep)
 

@@ -90,3 +90,16 @@ def make_image(tmp_path):
     _make.root = tmp_path
     return _make
 
+
+# The longest tests (minutes each, from `--durations`) first: with pyproject's `--maxschedchunk 1` each xdist worker takes
+# the next test when it is free, so the two finish together (by default each got long runs of consecutive tests, and the
+# notebooks, last in the collection, kept one worker busy minutes after the other had finished)
+LONGEST_FIRST = ('test_notebook[20_', 'test_notebook[24_', 'test_notebook[21_', 'test_mask_rcnn_fine_tunes_boxes_and_masks',
+                 'test_faster_rcnn_trains_loss_falls', 'test_single_stage_detectors_train', 'test_efficientdet_fine_tunes',
+                 'test_mask_rcnn_on_coco_masks', 'test_notebook[09_', 'test_notebook[03_')
+
+
+def pytest_collection_modifyitems(config, items):
+    "Put the longest tests first (a stable sort: the rest keep their order)."
+    rank = lambda item: next((i for i, k in enumerate(LONGEST_FIRST) if k in item.nodeid), len(LONGEST_FIRST))
+    items.sort(key=rank)

@@ -62,7 +62,8 @@ def test_top_level_layout():
 def test_pyproject_only_build_system_and_nbdev():
     d = tomllib.loads((ROOT / 'pyproject.toml').read_text())
     assert set(d) == {'build-system', 'tool'}, f'pyproject.toml tables: {sorted(d)}'
-    assert set(d['tool']) == {'nbdev'}, f'pyproject.toml [tool.*] tables: {sorted(d["tool"])}'
+    assert set(d['tool']) <= {'nbdev', 'pytest'}, f'pyproject.toml [tool.*] tables: {sorted(d["tool"])}'
+    assert d['tool']['pytest']['ini_options']['addopts'] == '--maxschedchunk 1'  # with tests/conftest.py's order
     assert d['tool']['nbdev']['lib_path'] == 'icefast'
     assert d['tool']['nbdev'].get('update_pyproject') is False, 'nbdev-export must not rewrite pyproject.toml'
 
