@@ -103,3 +103,25 @@ def pytest_collection_modifyitems(config, items):
     "Put the longest tests first (a stable sort: the rest keep their order)."
     rank = lambda item: next((i for i, k in enumerate(LONGEST_FIRST) if k in item.nodeid), len(LONGEST_FIRST))
     items.sort(key=rank)
+
+
+def train_once(tmp_path_factory, name:str, learner, fit):
+    """`learner()` trained by `fit(learn)` (which returns what else the tests need) once per test session: under xdist the
+    first worker trains and saves the weights, the recorder's history and `fit`'s result; the others build the same
+    learner (deterministic data and split) and load them, instead of training it again. Returns (learn, fit's result)."""
+    import fcntl, pickle
+    learn = learner()
+    if not os.environ.get('PYTEST_XDIST_WORKER'): return learn, fit(learn)
+    path = tmp_path_factory.getbasetemp().parent / f'trained_{name}.pkl'  # this session's folder, shared by its workers
+    with open(f'{path}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            saved = pickle.loads(path.read_bytes())
+            learn.model.load_state_dict(saved['state'])
+            learn.model.score_thresholds = saved['thresholds']
+            learn.recorder.metric_names, learn.recorder.values = saved['names'], saved['values']
+            return learn, saved['result']
+        result = fit(learn)
+        path.write_bytes(pickle.dumps({'state': learn.model.state_dict(), 'thresholds': getattr(learn.model, 'score_thresholds', None),
+                                       'names': learn.recorder.metric_names, 'values': learn.recorder.values, 'result': result}))
+        return learn, result

@@ -11,6 +11,7 @@ from icefast.data import dataloaders, IdSplitter
 from icefast.learner import detection_learner, to_original, DetectionLoss
 from icefast.models import faster_rcnn, efficientdet
 from icefast.core import Record
+from conftest import train_once
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
@@ -21,14 +22,16 @@ def shapes(tmp_path_factory):
         return p.parse(), p.class_map
 
 @pytest.fixture(scope='module')
-def trained(shapes):
-    "A small Faster R-CNN fine-tuned 6 epochs on the shapes from scratch (about a minute and a half on one core)."
+def trained(shapes, tmp_path_factory):
+    "A small Faster R-CNN fine-tuned 6 epochs on the shapes from scratch (about a minute and a half on one core), once a session."
     records, cm = shapes
-    set_seed(0, reproducible=True)
-    dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
-    learn = detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(cm)))
-    with learn.no_bar(), learn.no_logging(): learn.fine_tune(6, 1e-3)
-    return learn
+    def learner():
+        set_seed(0, reproducible=True)
+        dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
+        return detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(cm)))
+    def fit(learn):
+        with learn.no_bar(), learn.no_logging(): learn.fine_tune(6, 1e-3)
+    return train_once(tmp_path_factory, 'faster_rcnn', learner, fit)[0]
 
 @pytest.fixture(scope='module')
 def trained_mask(tmp_path_factory):
@@ -44,18 +47,20 @@ def trained_mask(tmp_path_factory):
     seen = []
     class Spy(Callback):
         def before_batch(self): seen.append(torch.backends.cudnn.benchmark)
-    # 20 detections an image, not 100: the mask head runs on each (validation 2.5x faster), and the shapes are at most 3 an image
-    model = mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(p.class_map), box_detections_per_img=20)
-    learn = mask_rcnn.fastai.learner(dls, model, cbs=[Spy()])
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            with learn.no_bar(), learn.no_logging(): learn.fine_tune(MASK_EPOCHS)
-        after = torch.backends.cudnn.benchmark
-    finally: torch.backends.cudnn.benchmark = before
-    return learn, dict(warnings=[str(w.message) for w in caught], during=set(seen), after=after)
+    def learner():  # 20 detections an image, not 100: the mask head runs on each (validation 2.5x faster); the shapes are at most 3
+        model = mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(p.class_map), box_detections_per_img=20)
+        return mask_rcnn.fastai.learner(dls, model, cbs=[Spy()])
+    def fit(learn):
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                with learn.no_bar(), learn.no_logging(): learn.fine_tune(MASK_EPOCHS)
+            after = torch.backends.cudnn.benchmark
+        finally: torch.backends.cudnn.benchmark = before
+        return dict(warnings=[str(w.message) for w in caught], during=set(seen), after=after)
+    return train_once(tmp_path_factory, 'mask_rcnn', learner, fit)
 
 MASK_EPOCHS, EFFDET_EPOCHS = 6, 8  # measured at 96 px: mask_mAP50 0.18 in epoch 1, 0.43 in epoch 6
 
