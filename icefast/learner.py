@@ -106,6 +106,7 @@ class DetectionAdapter(Callback):
     order, name = -10, 'detection'
     def __init__(self, class_map, masks:bool=False):
         self.class_map, self.masks, self._evaluator, self._epoch_metrics, self._items = class_map, masks, None, None, None
+        self._evaluator_items = None  # the records `_evaluator` was built for
         self.threshold_rule = {}  # `choose_thresholds`' arguments, applied after every validation (`learn.tune_thresholds`)
     def __getstate__(self):  # exported without the evaluation state (nor the records it refers to)
         return {**self.__dict__, '_evaluator': None, '_evaluator_items': None, '_epoch_metrics': None, '_results': [], '_items': None, 'learn': None}
@@ -161,7 +162,7 @@ class DetectionAdapter(Callback):
     def evaluator(self) -> COCOEvaluator:
         "The COCO evaluator of the records last validated (the validation set's by default), built once for them."
         items = self.dls.valid.items if self._items is None else self._items
-        if self._evaluator is None or self._evaluator_items is not items:
+        if self._evaluator_items is not items:
             self._evaluator, self._evaluator_items = COCOEvaluator(list(items), self.class_map, masks=self.masks), items
         return self._evaluator
 

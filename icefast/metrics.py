@@ -100,7 +100,7 @@ class COCOEvaluator:
         backend:str='pycocotools', # Or 'faster_coco_eval': the same figures, about 3x faster (`coco_backend`)
     ):
         COCO, self._COCOeval = coco_backend(backend)
-        self.class_map, self.masks, self.backend = class_map, masks, backend
+        self.class_map, self.masks = class_map, masks
         self.gt = COCO()
         self.gt.dataset = records_to_coco(records, class_map, masks)
         with contextlib.redirect_stdout(io.StringIO()): self.gt.createIndex()
