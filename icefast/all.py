@@ -8,4 +8,6 @@ from icefast.models import (faster_rcnn, mask_rcnn, efficientdet, retinanet, fco
                             model_spec, save_model, load_model, Detector)
 from icefast.metrics import *
 from icefast.learner import *
+from icefast.runtime import *
+from icefast.export import *
 from icefast.synthetic import *

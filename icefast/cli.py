@@ -12,7 +12,7 @@ from .parsers import DATA_LAYOUTS
 # %% auto #0
 __all__ = ['DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'report_dict', 'parse_data', 'split_records',
            'resolve_pretrained', 'build_model', 'train', 'run_file', 'load_run', 'image_files', 'image_records',
-           'predict', 'evaluate', 'demo', 'build_argparser', 'main']
+           'LearnerDetector', 'load_detector', 'predict', 'evaluate', 'export', 'demo', 'build_argparser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c2a0a0b2
 class CLIError(Exception):
@@ -255,7 +255,8 @@ def train(args, log=print) -> dict:
     run_log.plot(out/'curves.png')
     _save_fig(learn.show_results(max_n=args.show, threshold=args.threshold), out/'results.png')
     best = run_log.best('mAP')
-    summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format, arch=args.arch,
+    summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
+                   images=str(Path(args.images).expanduser().resolve()) if args.images else None, arch=args.arch,
                    backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
                    n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], thresholds=learn.thresholds,
@@ -270,11 +271,13 @@ def train(args, log=print) -> dict:
 
 
 # %% ../nbs/11_cli.ipynb #f426b1b3
+_EXPORTED = ('.onnx', '.torchscript', '.pt', '.ts')  # suffixes of the files `icefast export` writes (`icefast.runtime.export_format`)
+
 def run_file(path) -> Path:
-    "The exported learner's file of a run folder (its model.pkl), or the .pkl file `path`."
+    "The model file of a run folder (its model.pkl), or `path` itself: a .pkl learner or an .onnx / .torchscript export."
     p = Path(path).expanduser()
     if p.is_dir(): p = p/'model.pkl'
-    if not p.is_file(): raise CLIError(f"{path}: no exported learner here (a run folder with model.pkl, or a .pkl file)")
+    if not p.is_file(): raise CLIError(f"{path}: no exported learner or export here (a run folder with model.pkl, a .pkl file, or an .onnx / .torchscript file)")
     return p
 
 def load_run(path, device:str='auto'):
@@ -320,15 +323,27 @@ def image_records(files:list, known:dict=None) -> list:
     if len(set(ids)) != len(ids): raise CLIError("two images have the same id (the same file name twice?); predict them separately")
     return recs
 
-def _detections(learn, records:list, bs:int=8) -> list:
-    "`learn.get_preds` of `records`' images: detections in their original pixels (all scores)."
-    with _as_cli_error(''): preds, _ = learn.get_preds(dl=learn.dls.test_dl(records, bs=bs))
-    return preds
+class LearnerDetector:
+    "An exported learner seen as `icefast.runtime.ExportedDetector` is: `class_map`, `masks`, `score_threshold`, `detect`."
+    def __init__(self, learn): self.learn, self.class_map, self.masks = learn, learn.detection.class_map, learn.detection.masks
+    def score_threshold(self, threshold=None): return self.learn.score_threshold(threshold)
+    def detect(self, records:list, threshold=0, bs:int=8) -> list:
+        "Detections of `records`' images in their original pixels, as numpy arrays (`learn.get_preds`)."
+        from icefast.metrics import keep_above
+        with _as_cli_error(''): preds, _ = self.learn.get_preds(dl=self.learn.dls.test_dl(records, bs=bs))
+        return [keep_above({k: v.numpy() for k, v in d.items()}, self.score_threshold(threshold), self.class_map) for d in preds]
+
+def load_detector(path, device:str='auto'):
+    "What predict and eval run: a run's learner (`LearnerDetector`), or an exported file through `icefast.runtime`."
+    p = run_file(path)
+    if p.suffix.lower() not in _EXPORTED: return LearnerDetector(load_run(p, device))
+    from icefast.runtime import ExportedDetector
+    with _as_cli_error(str(p), (ValueError, ImportError)): return ExportedDetector(p, device=_device(device).type)
 
 
 def predict(args, log=print) -> dict:
     "Run `icefast predict` with parsed `args`."
-    from icefast.metrics import detections_to_coco, keep_above
+    from icefast.metrics import detections_to_coco
     from icefast.learner import render_detections
     run_file(args.run)  # fail fast, before reading the images
     files = image_files(args.images)
@@ -338,13 +353,12 @@ def predict(args, log=print) -> dict:
         parser = _data_parser(args.data, args.format, images=args.data_images, label_attr=args.label_attr, **_class_name_kw(args))
         for r in parse_data(parser, log=lambda *a: None): known[str(r.filepath.resolve())] = known[r.filepath.name] = r.image_id
     records = image_records(files, known)
-    learn = load_run(args.run, args.device)
-    cm = learn.detection.class_map
+    model = load_detector(args.run, args.device)
+    cm = model.class_map
     out = Path(args.out).expanduser()
     with _as_cli_error(f"--out {out}"): (out/'images').mkdir(parents=True, exist_ok=True)
-    results, names, threshold = [], set(), learn.score_threshold(args.threshold)
-    for rec, det in zip(records, _detections(learn, records, args.bs)):
-        det = {k: v.numpy() for k, v in keep_above(det, threshold, cm).items()}
+    results, names, threshold = [], set(), model.score_threshold(args.threshold)
+    for rec, det in zip(records, model.detect(records, threshold, bs=args.bs)):
         results += detections_to_coco(rec.image_id, det, cm)
         name = rec.filepath.stem + '.jpg'
         if name in names: name = f"{rec.filepath.stem}_{len(names)}.jpg"
@@ -376,8 +390,8 @@ def evaluate(args, log=print) -> dict:
     from icefast.metrics import evaluate_detections, metrics_table, per_class_frame, confusion_matrix, plot_confusion_matrix, plot_pr_curves
     ious = [round(0.5 + 0.05*i, 2) for i in range(10)]
     if args.iou not in ious: raise CLIError(f"--iou {args.iou}: COCO evaluates at {', '.join(map(str, ious))}; pick one of them")
-    learn = load_run(args.run, args.device)
-    cm, masks = learn.detection.class_map, learn.detection.masks
+    model = load_detector(args.run, args.device)
+    cm, masks = model.class_map, model.masks
     parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
                          **_class_name_kw(args))
     records = parse_data(parser, log)
@@ -386,10 +400,10 @@ def evaluate(args, log=print) -> dict:
         records = [r for r in records if _listed(r, ids)]
         if not records: raise CLIError(f"--split {args.split}: none of its {len(ids)} names is an image of the data")
     else: _note_training_images(args, records, log)
-    preds = _detections(learn, records, args.bs)
+    preds = model.detect(records, bs=args.bs)
     ev = evaluate_detections(records, preds, cm, masks=masks, backend=args.coco_backend)
     results, evaluator = ev.pop('results'), ev.pop('evaluator')
-    threshold = learn.score_threshold(args.threshold)
+    threshold = model.score_threshold(args.threshold)
     M = confusion_matrix(records, preds, cm, args.iou, threshold)
     ev['confusion'] = dict(iou=args.iou, threshold=threshold, classes=['background'] + list(cm.classes), counts=M.tolist())
     table = metrics_table(ev['metrics'], ev['per_class'])
@@ -414,6 +428,37 @@ def _json_ready(o):
     if isinstance(o, (list, tuple)): return [_json_ready(v) for v in o]
     if isinstance(o, float) and o != o: return None
     return o
+
+# %% ../nbs/11_cli.ipynb #67a7186a
+def _export_records(args, folder:Path, cm, masks:bool) -> list:
+    "The images `icefast export` traces and verifies on: the run's validation images, from the data its run.json names (or --data)."
+    data, fmt, images = args.data, args.data_format, args.images
+    summary = folder/'run.json'
+    if data is None and summary.is_file():
+        s = json.loads(summary.read_text())
+        data, fmt, images = s.get('data'), s.get('format'), images or s.get('images')
+    if data is None or fmt is None:
+        raise CLIError(f"--data and --data-format: the images to trace and verify the export on ({folder} has no run.json naming them)")
+    parser = _data_parser(data, fmt, masks=masks, images=images, label_attr=args.label_attr, class_map=cm, **_class_name_kw(args))
+    records = parse_data(parser, log=lambda *a: None)
+    valid = folder/'valid.txt'
+    if valid.is_file(): records = [r for r in records if _listed(r, _split_ids(valid))] or records
+    return records
+
+def export(args, log=print) -> dict:
+    "Run `icefast export` with parsed `args`: the run's model as one ONNX or TorchScript file, verified on its validation images."
+    from icefast.runtime import EXPORT_FORMATS
+    from icefast.export import export_model
+    if args.verify < 0: raise CLIError(f"--verify {args.verify}: a number of images, 0 for none")
+    p = run_file(args.run)
+    if p.suffix.lower() in _EXPORTED: raise CLIError(f"{p}: already an export; give the run folder or its model.pkl")
+    learn = load_run(p, 'cpu')
+    out = Path(args.out).expanduser() if args.out else p.parent/f"model{EXPORT_FORMATS[args.format]}"
+    records = _export_records(args, p.parent, learn.detection.class_map, learn.detection.masks)
+    with _as_cli_error(f"icefast export {args.format}", (ValueError, ImportError)):
+        rep = export_model(learn, out, args.format, records=records, n_images=args.verify, log=log)
+    log(f"icefast: {out} written ({rep['size_mb']:.1f} MB)" + ('' if args.verify else '; not verified (--verify 0)'))
+    return rep
 
 # %% ../nbs/11_cli.ipynb #36ce615c
 def _cpu_seconds() -> float:
@@ -468,7 +513,7 @@ def build_argparser() -> argparse.ArgumentParser:
     from icefast import __version__
     fmt = argparse.RawDescriptionHelpFormatter
     p = _ArgParser(prog='icefast', formatter_class=fmt,
-                   description="Object detection and instance segmentation with fastai: train, predict, evaluate, or run the demo.",
+                   description="Object detection and instance segmentation with fastai: train, predict, evaluate, export, or run the demo.",
                    epilog=_wrap("Run 'icefast COMMAND --help' for a command's options. Without data, 'icefast demo' trains "
                                 "on generated shapes. Bad arguments or unreadable data end with one line on stderr and exit "
                                 "code 2 (ICEFAST_DEBUG=1 shows the traceback)."))
@@ -518,7 +563,7 @@ def build_argparser() -> argparse.ArgumentParser:
                         description=_wrap("Detect objects with a trained model; write to --out predictions.json (COCO results: "
                                           "boxes as xywh in the images' pixels, masks as RLE), images.json (COCO images and "
                                           "categories of the results) and images/ (each image with its detections drawn)."))
-    pr.add_argument('run', metavar='RUN_DIR_OR_PKL', help="an 'icefast train' folder or its model.pkl")
+    pr.add_argument('run', metavar='MODEL', help="an 'icefast train' folder, its model.pkl, or an exported .onnx / .torchscript file")
     pr.add_argument('images', nargs='+', metavar='IMAGES', help='image files or folders of images')
     pr.add_argument('--out', required=True, metavar='OUT', help='folder for the outputs')
     pr.add_argument('--threshold', type=float, default=None,
@@ -537,7 +582,7 @@ def build_argparser() -> argparse.ArgumentParser:
                        description=_wrap("Evaluate a trained model on a data set (all its images, or those of --split) with "
                                          "pycocotools: the 12 COCO figures (and the mask ones for Mask R-CNN), AP, AP50 and AR100 "
                                          "per class, a confusion matrix and precision-recall curves."))
-    e.add_argument('run', metavar='RUN_DIR_OR_PKL', help="an 'icefast train' folder or its model.pkl")
+    e.add_argument('run', metavar='MODEL', help="an 'icefast train' folder, its model.pkl, or an exported .onnx / .torchscript file")
     _common(e)
     e.add_argument('--split', default=None, metavar='FILE', help='evaluate only the images listed (ids or file names, one per line)')
     e.add_argument('--out', default=None, metavar='DIR',
@@ -551,6 +596,23 @@ def build_argparser() -> argparse.ArgumentParser:
     e.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     e.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
 
+    x = sub.add_parser('export', help='export a trained model to ONNX or TorchScript, verified', formatter_class=fmt, epilog=_EPILOG_DATA,
+                       description=_wrap("Write a run's model as one ONNX (onnxruntime) or TorchScript file holding its letterbox "
+                                         "size, class names and thresholds, then verify it: run it next to the PyTorch model on the "
+                                         "run's validation images and report the detections matched, the largest box and score "
+                                         "differences and both mAPs (a warning when they differ). 'icefast predict' and 'icefast eval' "
+                                         "take the file as MODEL; icefast.runtime runs it in Python without fastai. Needs "
+                                         "pip install \"icefast[export]\" for ONNX."))
+    x.add_argument('run', metavar='RUN_DIR_OR_PKL', help="an 'icefast train' folder or its model.pkl")
+    x.add_argument('--format', default='onnx', choices=['onnx', 'torchscript'], help='default: onnx')
+    x.add_argument('--out', default=None, metavar='FILE', help='default: model.onnx (model.torchscript) in the run folder')
+    x.add_argument('--verify', type=int, default=20, metavar='N', help='validation images to verify on (default: 20; 0: none)')
+    x.add_argument('--data', default=None, metavar='PATH', help="the run's data, when not where its run.json says (layouts below)")
+    x.add_argument('--data-format', default=None, choices=list(DATA_LAYOUTS), help='format of --data')
+    x.add_argument('--images', default=None, metavar='DIR', help='image folder of --data, when not where the layout says')
+    x.add_argument('--label-attr', default='label', metavar='NAME', help='via: region attribute holding the class name')
+    x.add_argument('--class-name', default=None, metavar='NAME', help='via, csv: the one class of a set whose regions (rows) name none')
+
     d = sub.add_parser('demo', help='train on generated shapes, no data needed', formatter_class=fmt,
                        description=_wrap("Generate a shapes data set (COCO format, in RUN_DIR/data), train a small Faster R-CNN "
                                          "from scratch on it and write the outputs of 'icefast train' to RUN_DIR. About 3 "
@@ -561,7 +623,7 @@ def build_argparser() -> argparse.ArgumentParser:
     d.add_argument('--quick', action='store_true', help=argparse.SUPPRESS)  # tests: the same code path in seconds
     return p
 
-COMMANDS = {'train': train, 'predict': predict, 'eval': evaluate, 'demo': demo}
+COMMANDS = {'train': train, 'predict': predict, 'eval': evaluate, 'export': export, 'demo': demo}
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"icefast: warning: {' '.join(str(message).split())[:500]}", file=sys.stderr)
@@ -572,7 +634,7 @@ def main(argv=None) -> int:
     debug, prog = bool(os.environ.get('ICEFAST_DEBUG')), 'icefast'
     try:
         args = build_argparser().parse_args(argv)
-        if args.command is None: raise CLIError("no command given: one of train, predict, eval, demo (see 'icefast --help')")
+        if args.command is None: raise CLIError("no command given: one of train, predict, eval, export, demo (see 'icefast --help')")
         prog = f"icefast {args.command}"
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 # %% auto #0
 __all__ = ['ClassMap', 'InstanceMask', 'PolygonMask', 'RLEMask', 'LabelImageMask', 'ArrayMask', 'Record', 'exif_orientation',
-           'image_size', 'image_record', 'to_rgb', 'open_image', 'verify_image']
+           'image_size', 'image_record', 'to_rgb', 'open_image', 'verify_image', 'image_hw', 'letterbox_scale',
+           'letterbox_content', 'letterbox_image']
 
 # %% ../nbs/00_core.ipynb #cdb619c7
 class ClassMap:
@@ -220,3 +221,27 @@ def verify_image(path) -> tuple:
         if img.format == 'JPEG': img.draft(img.mode, (max(1, img.size[0]//8), max(1, img.size[1]//8)))
         img.load()
     return size
+
+# %% ../nbs/00_core.ipynb #c05c76b5
+def image_hw(size) -> tuple:
+    "(h, w) from an int or an (h, w) pair."
+    if size is None: return None
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+
+def letterbox_scale(width:int, height:int, size) -> float:
+    "The zoom that fits a `width` x `height` image into `size` (int or (h, w)) keeping its aspect."
+    h, w = image_hw(size)
+    return min(w/width, h/height)
+
+def letterbox_content(width:int, height:int, size) -> tuple:
+    "The (w, h) a `width` x `height` image covers once letterboxed into `size`."
+    s = letterbox_scale(width, height, size)
+    return max(1, round(width*s)), max(1, round(height*s))
+
+def letterbox_image(img:Image.Image, size, content:tuple) -> Image.Image:
+    "`img` resized (bilinear) to `content` (w, h) at the top left of a black RGB canvas of `size` (int or (h, w))."
+    h, w = image_hw(size)
+    small = img.resize(content, Image.BILINEAR, reducing_gap=None if img.size[0] < 2*content[0] else 2.0)
+    canvas = Image.new('RGB', (w, h))
+    canvas.paste(small, (0, 0))
+    return canvas

@@ -18,13 +18,13 @@ from fastai.vision.augment import RandTransform, RandomResizedCropGPU, FlipItem,
 from fasttransform import Transform, ItemTransform
 from PIL import Image, ImageOps
 
-from .core import ClassMap, Record, open_image, image_record, to_rgb
+from .core import ClassMap, Record, open_image, image_record, to_rgb, image_hw as _hw, letterbox_scale, letterbox_content, letterbox_image
 from .parsers import Parser
 
 # %% auto #0
 __all__ = ['TensorInstanceMasks', 'LazyMasks', 'record_boxes', 'record_pixel_boxes', 'record_labels', 'record_masks',
-           'record_path', 'LoadImage', 'letterbox_scale', 'BoxScaler', 'Letterbox', 'DecodeMasks', 'InstanceLabeler',
-           'pad_instances', 'targets_from_batch', 'split_batch', 'RecordImageBlock', 'RecordBBoxBlock', 'LabelBlock',
+           'record_path', 'LoadImage', 'BoxScaler', 'Letterbox', 'DecodeMasks', 'InstanceLabeler', 'pad_instances',
+           'targets_from_batch', 'split_batch', 'RecordImageBlock', 'RecordBBoxBlock', 'LabelBlock',
            'InstanceMaskBlock', 'DetectionLighting', 'detection_aug_transforms', 'IdSplitter', 'FileListSplitter',
            'RecordsSplitter', 'FolderSplitter', 'detection_datablock', 'inference_item', 'DetectionDataLoaders',
            'dataloaders']
@@ -111,16 +111,6 @@ class LoadImage(Transform):
         img.orig_size = orig or img.size
         return img
 
-def _hw(size):
-    "(h, w) from an int or an (h, w) tuple."
-    if size is None: return None
-    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
-
-def letterbox_scale(width:int, height:int, size) -> float:
-    "The zoom that fits a `width` x `height` image into `size` (int or (h, w)) keeping its aspect."
-    h, w = _hw(size)
-    return min(w/width, h/height)
-
 # %% ../nbs/02_data.ipynb #4eba5313
 class BoxScaler(PointScaler):
     "fastai's `PointScaler` for boxes that arrive normalized: encoding keeps them, decoding gives pixels for display."
@@ -136,13 +126,9 @@ class Letterbox(RandTransform):
         img = b[0] if isinstance(b, tuple) else b
         w, h = getattr(img, 'orig_size', None) or _size_of(img)
         self.scale = letterbox_scale(w, h, self.size)
-        self.content = (max(1, round(w*self.scale)), max(1, round(h*self.scale)))  # (w, h) of the image inside the canvas
+        self.content = letterbox_content(w, h, self.size)  # (w, h) of the image inside the canvas
 
-    def encodes(self, x:PILImage):
-        img = x.resize(self.content, Image.BILINEAR, reducing_gap=None if x.size[0] < 2*self.content[0] else 2.0)
-        canvas = Image.new('RGB', (self.size[1], self.size[0]))
-        canvas.paste(img, (0, 0))
-        return PILImage(canvas)
+    def encodes(self, x:PILImage): return PILImage(letterbox_image(x, self.size, self.content))
 
     def encodes(self, x:TensorBBox):
         cw, ch = self.content

@@ -15,7 +15,8 @@ import math, time, warnings
 from fastai.learner import Recorder
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
-from .data import split_batch, letterbox_scale, Letterbox
+from .core import letterbox_scale
+from .data import split_batch, Letterbox
 from .metrics import (COCOEvaluator, detections_to_coco, evaluate_detections, figure_names, per_class_frame, keep_above,
                              choose_thresholds, confusion_matrix, plot_confusion_matrix, plot_pr_curves, SHOWN_FIGURES,
                              SCORE_THRESHOLD, _saved)

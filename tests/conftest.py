@@ -106,13 +106,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def train_once(tmp_path_factory, name:str, learner, fit):
-    """`learner()` trained by `fit(learn)` (which returns what else the tests need) once per test session: under xdist the
-    first worker trains and saves the weights, the recorder's history and `fit`'s result; the others build the same
-    learner (deterministic data and split) and load them, instead of training it again. Returns (learn, fit's result)."""
+    """`learner()` trained by `fit(learn)` (which returns what else the tests need) once per test session: the first test
+    (of any module, on any xdist worker) trains and saves the weights, the recorder's history and `fit`'s result; later ones
+    build the same learner (deterministic data and split) and load them, instead of training it again. Returns (learn, fit's result)."""
     import fcntl, pickle
     learn = learner()
-    if not os.environ.get('PYTEST_XDIST_WORKER'): return learn, fit(learn)
-    path = tmp_path_factory.getbasetemp().parent / f'trained_{name}.pkl'  # this session's folder, shared by its workers
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / f'trained_{name}.pkl'  # this session's, shared by its workers
     with open(f'{path}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():

@@ -540,3 +540,26 @@ def test_train_predict_and_eval_the_registrys_new_architectures(arch, shapes, tm
     assert code == 0 and 'mAP50' in stdout, err
     code, _, err = run(capsys, 'train', '--data', shapes, '--format', 'coco', '--arch', arch, '--backbone', 'vgg.vgg11', '--out', out)
     assert_one_line_error(code, err, "unknown backbone 'vgg.vgg11'")
+
+
+def test_export_then_predict_and_eval_the_exported_file(coco_run, shapes, tmp_path, capsys):
+    "`icefast export` writes a verified ONNX file next to the run; predict and eval take it as the model, as they take the run."
+    code, out, err = run(capsys, 'export', coco_run, '--verify', '4')
+    assert code == 0, err
+    exported = coco_run/'model.onnx'
+    assert exported.is_file() and 'verified on 4 images' in out and 'MISMATCH' not in out + err, out + err
+    counts = {}
+    for name, model in (('onnx', exported), ('pkl', coco_run)):
+        code, _, err = run(capsys, 'predict', model, shapes/'images', '--out', tmp_path/name, '--threshold', '0.2')
+        assert code == 0, err
+        counts[name] = len(json.loads((tmp_path/name/'predictions.json').read_text()))
+        code, _, err = run(capsys, 'eval', model, '--data', shapes, '--format', 'coco', '--split', coco_run/'valid.txt',
+                           '--out', tmp_path/f'eval_{name}')
+        assert code == 0, err
+    assert counts['onnx'] > 0 and abs(counts['onnx'] - counts['pkl']) <= 0.02 * counts['pkl'], counts
+    a, b = (json.loads((tmp_path/f'eval_{n}'/'eval.json').read_text())['metrics'] for n in ('onnx', 'pkl'))
+    assert abs(a['mAP'] - b['mAP']) <= 0.005 and abs(a['mAP50'] - b['mAP50']) <= 0.005, (a, b)
+    code, out, err = run(capsys, 'export', coco_run, '--format', 'torchscript', '--verify', '0', '--out', tmp_path/'m.torchscript')
+    assert code == 0 and (tmp_path/'m.torchscript').is_file() and 'not verified' in out, err
+    assert_one_line_error(*run(capsys, 'export', exported)[::2], 'already an export')
+    assert_one_line_error(*run(capsys, 'predict', tmp_path/'none.onnx', shapes/'images', '--out', tmp_path/'x')[::2], 'no exported learner')

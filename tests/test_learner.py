@@ -94,13 +94,24 @@ def test_mask_rcnn_predicts_masks_at_original_size(trained_mask, tmp_path):
     fig.savefig(tmp_path/'masks.png')
     assert len(fig.axes[2*(n-1)].images) == 1  # its ground truth: one picture, the masks drawn into it (render_detections)
 
-@pytest.mark.parametrize('backbone', ['resnet18'])
-def test_efficientdet_fine_tunes(shapes, backbone):
+def trained_arch(tmp_path_factory, shapes, arch:str):
+    "RetinaNet, FCOS or EfficientDet (resnet18 backbones) trained on the shapes with their own `fine_tune` defaults, once a session."
+    from icefast.models import create_model
     records, cm = shapes
-    set_seed(0, reproducible=True)
-    dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
-    learn = efficientdet.fastai.learner(dls, efficientdet.model(backbone=backbone, num_classes=len(cm), img_size=128))
-    with learn.no_bar(), learn.no_logging(): learn.fine_tune(EFFDET_EPOCHS, 4e-3)
+    def learner():
+        set_seed(0, reproducible=True)
+        dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
+        kw = dict(img_size=128) if arch == 'efficientdet' else {}
+        return detection_learner(dls, create_model(arch, backbone='resnet18' if arch == 'efficientdet' else 'resnet_fpn.resnet18',
+                                                   num_classes=len(cm), **kw))
+    def fit(learn):  # 5 epochs were too few for RetinaNet (mAP50 0.11 at the end)
+        with learn.no_bar(), learn.no_logging():
+            if arch == 'efficientdet': learn.fine_tune(EFFDET_EPOCHS, 4e-3)
+            else: learn.fine_tune(6)
+    return train_once(tmp_path_factory, arch, learner, fit)[0]
+
+def test_efficientdet_fine_tunes(shapes, tmp_path_factory):
+    learn = trained_arch(tmp_path_factory, shapes, 'efficientdet')
     assert_learns(learn, min_gain=0.08, min_final=0.12)  # measured: mAP50 0.055 in epoch 1, 0.20 in epoch 4, 0.18 in epoch 7
     assert {'class_loss', 'box_loss'} <= set(learn.recorder.metric_names)
 
@@ -501,13 +512,8 @@ def test_efficientdet_with_one_class_at_its_smallest_size_validates_and_predicts
     learn.show_results(max_n=1)
 
 @pytest.mark.parametrize('arch', ['retinanet', 'fcos'])
-def test_single_stage_detectors_train_loss_falls_and_map50_rises(shapes, arch):
+def test_single_stage_detectors_train_loss_falls_and_map50_rises(shapes, arch, tmp_path_factory):
     "RetinaNet and FCOS, joined through the registry, train with fine_tune's defaults (their own): losses fall, mAP50 rises."
-    from icefast.models import create_model
-    records, cm = shapes
-    set_seed(0, reproducible=True)
-    dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
-    learn = detection_learner(dls, create_model(arch, backbone='resnet_fpn.resnet18', num_classes=len(cm)))
-    with learn.no_bar(), learn.no_logging(): learn.fine_tune(6)  # 5 epochs were too few for RetinaNet (mAP50 0.11 at the end)
+    learn = trained_arch(tmp_path_factory, shapes, arch)
     assert_learns(learn, min_gain=0.1, min_final=0.15)
     assert set(learn.model.loss_names) <= set(learn.recorder.metric_names)

@@ -109,18 +109,30 @@ class EfficientDetModel(nn.Module):
         loss, class_loss, box_loss = b.loss_fn(class_out, box_out, cls_t, box_t, n_pos)
         return {'class_loss': class_loss, 'box_loss': loss - class_loss}
 
-    def detections(self, class_out, box_out, bs) -> list:
-        "One dict of xyxy `boxes`, `scores` and `labels` (ClassMap ids) per image."
-        from effdet.bench import _post_process, _batch_detection
+    def padded(self, class_out, box_out) -> tuple:
+        "xyxy `boxes` (N, D, 4), `scores` (N, D) and `labels` (N, D) of a batch, score 0 where fewer than D: one NMS for all images, no loop."
+        from effdet.bench import _post_process
+        from effdet.anchors import decode_box_outputs
+        from torchvision.ops import nms
         b = self.bench
         c, bx, idx, cls = _post_process(class_out, box_out, num_levels=b.num_levels, num_classes=b.num_classes,
                                         max_detection_points=self.detection_points)
-        det = _batch_detection(bs, c, bx, b.anchors.boxes, idx, cls, max_det_per_image=b.max_det_per_image, soft_nms=b.soft_nms)
-        res = []
-        for d in det:
-            d = d[d[:, 4] > 0]
-            res.append({'boxes': d[:, :4], 'scores': d[:, 4], 'labels': d[:, 5].long()})
-        return res
+        n, k = idx.shape
+        boxes = decode_box_outputs(bx.reshape(-1, 4).float(), b.anchors.boxes[idx.reshape(-1)], output_xyxy=True)
+        scores = c.reshape(-1).float().sigmoid()
+        groups = (torch.arange(n, device=idx.device)[:, None] * b.num_classes + cls).reshape(-1)  # one NMS group per image and class
+        keep = nms(boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None], scores, 0.5)
+        kept = torch.full_like(scores, -1.).scatter(0, keep, scores[keep]).view(n, k)
+        top, order = kept.topk(min(b.max_det_per_image, k), dim=1)
+        return (boxes.view(n, k, 4).gather(1, order[..., None].expand(-1, -1, 4)), top.clamp(min=0), cls.gather(1, order) + 1)
+
+    def padded_detections(self, images) -> tuple:
+        "The protocol's batched form (what an export holds): `padded` detections of `images` (N, 3, H, W) in 0-1."
+        return self.padded(*self.net((images - self.mean) / self.std))
+
+    def detections(self, class_out, box_out) -> list:
+        "One dict of xyxy `boxes`, `scores` and `labels` (ClassMap ids) per image."
+        return [{'boxes': b[s > 0], 'scores': s[s > 0], 'labels': l[s > 0]} for b, s, l in zip(*self.padded(class_out, box_out))]
 
     def forward(self, images, targets=None):
         x = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
@@ -131,7 +143,7 @@ class EfficientDetModel(nn.Module):
         if self.training:
             if targets is None: raise ValueError("in training mode the model needs targets")
             return self.loss_dict(class_out, box_out, targets, x.device)
-        dets = self.detections(class_out, box_out, len(x))
+        dets = self.detections(class_out, box_out)
         return dets if targets is None else (self.loss_dict(class_out, box_out, targets, x.device), dets)
 
     def param_groups(self) -> list: return param_groups(self)
