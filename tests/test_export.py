@@ -67,7 +67,12 @@ def test_export_onnx_and_torchscript_predict_as_the_model(arch, request, tmp_pat
         assert h['batch'] == (None if arch == 'efficientdet' else 1) and h['verification']['ok']
         assert h['score_thresholds'] == {k: float(v) for k, v in learn.thresholds.items()}
         paths.append(path)
-    for preds in runtime_predictions(paths, [r.filepath for r in records[:3]]): assert_same_detections(preds, learn, records[:3])
+    from PIL import Image
+    Image.new('RGB', (160, 128)).save(tmp_path/'black.png')  # nothing to detect: RetinaNet and FCOS find nothing at all
+    n_black = len(learn.predict(tmp_path/'black.png', threshold=0)['scores'])
+    for preds in runtime_predictions(paths, [tmp_path/'black.png'] + [r.filepath for r in records[:3]]):
+        assert (len(preds[0]['scores']) == 0) == (n_black == 0), (len(preds[0]['scores']), n_black)
+        assert_same_detections(preds[1:], learn, records[:3])  # after an empty result too
 
 def test_efficientdet_export_takes_any_batch_size(request, tmp_path_factory, tmp_path):
     "EfficientDet's graph has a dynamic batch: three images at once give what each gives alone."
