@@ -77,15 +77,21 @@ def _outputs(cell) -> list[str]:
     return parts
 
 
-def notebook_markdown(nb: dict) -> str:
+def notebook_markdown(nb: dict, api_uri: str | None = None) -> str:
     """One notebook as Markdown, following nbdev's conventions: Markdown cells as written; `#| hide` and
     `#| default_exp` cells left out; exported code (`#| export`, `#| exporti`) folded under "Source"; other
-    code shown with its stored outputs (directives removed)."""
-    parts = []
+    code shown with its stored outputs (directives removed). `api_uri`: the module's API page, linked
+    after the notebook's first Markdown cell (its title)."""
+    parts, linked = [], api_uri is None
     for cell in nb.get('cells', []):
         src = _source(cell)
         if cell.get('cell_type') == 'markdown':
             parts.append(src.strip('\n'))
+            if not linked:
+                mod = 'icefast.' + Path(api_uri).stem
+                parts.append(f'!!! info "API reference"\n    Signatures, parameters and docstrings of this module: '
+                             f'[`{mod}`](../{api_uri}).')
+                linked = True
             continue
         if cell.get('cell_type') != 'code': continue
         flags, code = _directives(src)
@@ -160,11 +166,13 @@ def on_files(files: Files, config, **kwargs):
     files.append(File.generated(config, 'index.md', abs_src_path=str(readme)))
     nbs = notebooks()
     source_nb = {}
+    documented = modules()
     for uri, nb in nbs.items():
-        files.append(NotebookFile.generated(config, uri, content=notebook_markdown(nb)))
         mod = _default_exp(nb)
+        api = _api_uri(mod) if mod in documented else None
+        files.append(NotebookFile.generated(config, uri, content=notebook_markdown(nb, api)))
         if mod: source_nb.setdefault(mod, uri)
-    for m in modules():
+    for m in documented:
         files.append(File.generated(config, _api_uri(m), content=api_page(m, source_nb.get(m))))
     for pattern in PICTURES:
         for p in sorted((ROOT / 'docs').glob(pattern)):

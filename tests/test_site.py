@@ -61,11 +61,23 @@ def test_readme_links_resolve_in_the_repository():
 def site(tmp_path_factory):
     missing = _missing_docs_packages()
     if missing: pytest.skip(f'the docs extra is not installed (no {", ".join(missing)}): pip install -e ".[docs]"')
-    out = tmp_path_factory.mktemp('site') / '_site'
-    env = {**os.environ, 'NO_MKDOCS_2_WARNING': '1', 'KMP_BLOCKTIME': '0'}
-    res = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir', str(out)], cwd=ROOT,
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=300)
-    assert res.returncode == 0, f'mkdocs build --strict failed ({res.returncode}):\n{res.stdout}\n{res.stderr}'
+    import fcntl
+    # built once a test session: xdist workers share the session's base folder and wait for the first build
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+    out, log = shared / 'icefast_site', shared / 'icefast_site.log'
+    with open(f'{out}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not log.is_file():
+            env = {**os.environ, 'NO_MKDOCS_2_WARNING': '1', 'KMP_BLOCKTIME': '0'}
+            t = time.monotonic()
+            res = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir', str(out)],
+                                 cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env, timeout=300)
+            log.write_text(json.dumps({'rc': res.returncode, 'out': res.stdout + res.stderr,
+                                       'seconds': round(time.monotonic() - t, 1)}))
+        built = json.loads(log.read_text())
+    assert built['rc'] == 0, f'mkdocs build --strict failed ({built["rc"]}):\n{built["out"]}'
+    print(f'site built in {built["seconds"]}s: {out}')
     return out
 
 
