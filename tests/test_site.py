@@ -342,4 +342,6 @@ def test_search_finds_fine_tune(site, server, browser, shots):
     facts = browser.js(r'''({meta: document.querySelector('.md-search-result__meta').textContent,
         hrefs: [...document.querySelectorAll('.md-search-result__item a')].map(a => a.href)})''')
     assert any('nbs/20_getting_started.html' in h for h in facts['hrefs']), facts
+    outside = [u for u, _ in browser.requests() if not u.startswith((server, 'data:', 'blob:', 'about:'))]
+    assert not outside, f'search: requests outside the site: {outside}'
     print(f'search: {facts["meta"]}; screenshot: {browser.screenshot(shots / "search.png")}')
