@@ -94,6 +94,7 @@ class Docments(griffe.Extension):
         m = re.search(r'^[ \t]*(async[ \t]+)?def[ \t]', src or '', re.M)  # past any decorators
         if not m: return
         docs = header_docments(src[m.start():])
+        self._label_patch(func)
         names = {p.name: p for p in func.parameters}
         args = [(n, d) for n, d in docs.items() if n in names and n not in ('self', 'cls')]
         if func.docstring is not None and _SECTION.search(func.docstring.value): return
@@ -104,6 +105,14 @@ class Docments(griffe.Extension):
                 f"{'**' if names[n].kind is griffe.ParameterKind.var_keyword else ''}{n}: {d}" for n, d in args))
         if docs.get('return'): sections.append('Returns:\n    ' + docs['return'])
         if sections: _append(func, '\n\n'.join(sections), agent)
+
+    @staticmethod
+    def _label_patch(func):
+        "fastcore's `@patch` makes a module-level `def f(self:Cls, ...)` a method of `Cls`: say so in a label"
+        if not isinstance(func.parent, griffe.Module) or not func.parameters: return
+        if not any(re.match(r'(fastcore\.basics\.)?patch\b', str(d.value)) for d in func.decorators): return
+        anno = func.parameters[0].annotation
+        if anno is not None: func.labels.add(f'method of {anno}')
 
     def on_attribute_instance(self, *, attr: griffe.Attribute, agent=None, **kwargs):
         if attr.docstring is not None or not attr.lineno: return
