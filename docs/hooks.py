@@ -77,6 +77,22 @@ def _outputs(cell) -> list[str]:
     return parts
 
 
+def _defined(code: str) -> list[str]:
+    "Names of the functions and classes a cell defines (a `@patch`ed `def f(self:Cls)` as `Cls.f`)"
+    import ast
+    try: tree = ast.parse(code)
+    except SyntaxError: return []
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            patched = any(ast.unparse(d).startswith('patch') for d in node.decorator_list)
+            args = getattr(node, 'args', None)
+            cls = args.args[0].annotation if patched and args and args.args and args.args[0].annotation else None
+            names.append(f'{ast.unparse(cls)}.{node.name}' if cls is not None else node.name)
+    public = [n for n in names if not n.rpartition('.')[2].startswith('_')]
+    return public or names  # helpers named only where the cell has nothing public
+
+
 def notebook_markdown(nb: dict, api_uri: str | None = None) -> str:
     """One notebook as Markdown, following nbdev's conventions: Markdown cells as written; `#| hide` and
     `#| default_exp` cells left out; exported code (`#| export`, `#| exporti`) folded under "Source"; other
@@ -99,7 +115,9 @@ def notebook_markdown(nb: dict, api_uri: str | None = None) -> str:
         if re.fullmatch(r'(\s*show_doc\(.*\)\s*)+', code, flags=re.S): continue  # the API pages document these
         if not code: continue
         if any(k in flags for k in ('export', 'exporti', 'exports')):
-            parts.append('??? note "Source"\n\n' + _fence(code, indent='    '))
+            names = _defined(code)
+            title = 'Source: ' + ', '.join(names) if names else 'Source'
+            parts.append(f'??? note "{title}"\n\n' + _fence(code, indent='    '))
         else:
             parts.append(_fence(code))
         parts.extend(_outputs(cell))
