@@ -56,6 +56,55 @@ def test_readme_links_resolve_in_the_repository():
     assert not broken, f'README.md links to missing files: {broken}'
 
 
+# ---------------------------------------------------------------- the pieces (docs/hooks.py, docs/griffe_docments.py)
+def _docs_module(name):
+    missing = _missing_docs_packages()
+    if missing: pytest.skip(f'the docs extra is not installed (no {", ".join(missing)}): pip install -e ".[docs]"')
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f'_icefast_docs_{name}', ROOT / 'docs' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_docments_read_from_the_source():
+    header_docments = _docs_module('griffe_docments').header_docments
+    src = '''@delegates(other)
+def f(a, # first
+      b:int=(1, 2), # second, with (parens)
+      # above c
+      c=dict(x=1), *args, **kwargs # keywords
+     )->int: # the result
+    "doc"
+    x = 1 # not a parameter
+'''
+    assert header_docments(src[src.index('def'):]) == {'a': 'first', 'b': 'second, with (parens)', 'c': 'above c',
+                                                       'kwargs': 'keywords', 'return': 'the result'}
+    assert header_docments('def g(self, x): pass') == {}
+
+
+def test_notebook_as_markdown():
+    hooks = _docs_module('hooks')
+    png = base64.b64encode(b'not really a png').decode()
+    nb = {'cells': [
+        {'cell_type': 'markdown', 'source': ['# Title\n', '\n', '> summary']},
+        {'cell_type': 'code', 'source': '#| default_exp thing', 'outputs': []},
+        {'cell_type': 'code', 'source': '#| hide\ntest_eq(1, 1)', 'outputs': []},
+        {'cell_type': 'code', 'source': '#| export\n@patch\ndef go(self:Learner): pass\ndef _helper(): pass',
+         'outputs': []},
+        {'cell_type': 'code', 'source': 'print("hi ```")', 'outputs': [
+            {'output_type': 'stream', 'name': 'stdout', 'text': ['hi ```\n']},
+            {'output_type': 'display_data', 'data': {'image/png': png, 'text/plain': ['<Figure>']}}]},
+        {'cell_type': 'code', 'source': 'show_doc(go)', 'outputs': []},
+    ]}
+    md = hooks.notebook_markdown(nb, 'api/thing.md')
+    assert md.startswith('# Title\n\n> summary\n\n!!! info "API reference"')
+    assert '(../api/thing.md)' in md and 'test_eq' not in md and 'default_exp' not in md and 'show_doc' not in md
+    assert '??? note "Source: Learner.go"\n\n    ```python\n    @patch' in md
+    assert '````python\nprint("hi ```")\n````' in md and '````text\nhi ```\n````' in md
+    assert f'![output](data:image/png;base64,{png})' in md and '<Figure>' not in md
+
+
 # ---------------------------------------------------------------- the build
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
