@@ -151,6 +151,26 @@ def test_site_loads_nothing_from_the_internet(site):
     assert not bad, f'external resources in the built site: {bad}'
 
 
+def test_every_internal_link_and_picture_resolves(site):
+    "In every built page, each relative href/src leads to a built file, and each #anchor to an element id there"
+    ids, broken = {}, []
+    id_of = lambda f: ids.setdefault(f, set(re.findall(r'\bid="([^"]+)"', f.read_text(encoding='utf-8'))))
+    pages = sorted(site.rglob('*.html'))
+    for page in pages:
+        text = page.read_text(encoding='utf-8')
+        for attr, url in re.findall(r'<(?:a|img|link|script|source)\b[^>]*?\b(href|src)="([^"]*)"', text):
+            if re.match(r'[a-z][a-z0-9+.-]*:|//', url) or url.startswith('#') and not url[1:]: continue
+            path, _, frag = url.partition('#')
+            base = site if path.startswith('/') else page.parent  # 404.html links from the site's root
+            target = (base / unquote(path.split('?')[0]).lstrip('/')).resolve() if path else page
+            if target.is_dir(): target = target / 'index.html'
+            if not target.is_file(): broken.append(f'{page.relative_to(site)}: {url}')
+            elif frag and target.suffix == '.html' and unquote(frag) not in id_of(target):
+                broken.append(f'{page.relative_to(site)}: {url} (no such anchor)')
+    assert len(pages) > 30, len(pages)
+    assert not broken, f'{len(broken)} broken links in the site: {broken[:20]}'
+
+
 def test_search_index_has_fine_tune(site):
     index = json.loads((site / 'search' / 'search_index.json').read_text(encoding='utf-8'))
     hits = {d['location'].split('#')[0] for d in index['docs'] if 'fine_tune' in d['text'] or 'fine_tune' in d['title']}
