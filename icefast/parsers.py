@@ -842,6 +842,7 @@ def _subfolder(root:Path, names:tuple, what:str) -> Path:
         if (root/n).is_dir(): return root/n
     raise ParseError(f"{root}: no {what} folder (looked for {', '.join(n + '/' for n in names)})")
 
+# %% ../nbs/01_parsers.ipynb #5a9174e3
 def yolo_class_names(root, labels=None) -> list:
     "Class names of the YOLO set in `root`: classes.txt (in it or in its `labels` folder), obj.names, or data.yaml's `names`."
     root = Path(root); labels = Path(labels) if labels is not None else root/'labels'
@@ -857,6 +858,7 @@ def yolo_class_names(root, labels=None) -> list:
             raise ParseError(f"{f}: no 'names:' list of class names")
     raise ParseError(f"{root}: no class names for the YOLO labels: write classes.txt (one name per line, in class index order)")
 
+# %% ../nbs/01_parsers.ipynb #9edd0f00
 def parser_for(
     data, # An annotation file or a data folder, laid out as `DATA_LAYOUTS[format]` says
     format:str, # One of `DATA_LAYOUTS`: coco, voc, via, csv, yolo
@@ -895,4 +897,3 @@ def parser_for(
     labels = _subfolder(data, ('labels',), 'labels')
     names = class_map.classes if class_map is not None else yolo_class_names(data, labels)
     return YOLOParser(img_dir, labels, names, masks=masks, **kw)
-
