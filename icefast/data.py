@@ -140,6 +140,7 @@ class Letterbox(RandTransform):
 
 def _size_of(img): return img.size if isinstance(img, Image.Image) else (img.shape[-1], img.shape[-2])
 
+# %% ../nbs/02_data.ipynb #116bf4bd
 class DecodeMasks(ItemTransform):
     "Decode masks that `Letterbox` did not decode, at the image's size; refuse them if the image was already resized."
     order = -0.4
@@ -165,6 +166,7 @@ class InstanceLabeler(BBoxLabeler):
         self.lbls = ['#na#' if int(a) == 0 else self.vocab[a] for a in x]
         return x if self.bbox is None else LabeledBBox(self.bbox, self.lbls)
 
+# %% ../nbs/02_data.ipynb #e44c5ea9
 def _keep_nonempty(boxes, *others):
     "Order each box's corners (fastai's `flip_lr` swaps them), clip to -1..1, drop the empty ones and their rows in `others`."
     b = boxes.as_subclass(torch.Tensor)
@@ -344,6 +346,7 @@ def detection_datablock(
                      item_tfms=[Letterbox(size), *([FlipItem(0.5)] if item_tfms is None else item_tfms)],
                      batch_tfms=detection_aug_transforms() if batch_tfms is None else batch_tfms)
 
+# %% ../nbs/02_data.ipynb #f855f2c4
 def inference_item(o):
     "A `Record` as is, an image file as a `Record` without annotations, an image in memory (PIL, HWC array, CHW tensor) as a `PILImage`."
     if isinstance(o, Record): return o
@@ -366,6 +369,7 @@ class DetectionDataLoaders(DataLoaders):
     @property
     def vocab(self) -> list: return list(self.class_map.vocab)  # the class names by id, 'background' first
 
+# %% ../nbs/02_data.ipynb #849224c6
 def dataloaders(
     records:list, # `Record`s from a parser
     class_map:ClassMap, # Their classes
