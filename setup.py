@@ -91,7 +91,8 @@ setuptools.setup(
     zip_safe=False,
     install_requires=split_list('requirements'),
     extras_require={'dev': split_list('dev_requirements'), 'fast-eval': split_list('fast_eval_requirements'),
-                    'export': split_list('export_requirements'), 'docs': split_list('docs_requirements')},
+                    'export': split_list('export_requirements'), 'docs': split_list('docs_requirements'),
+                    'distributed': split_list('distributed_requirements')},
     entry_points={
         'console_scripts': split_list('console_scripts'),
         # lets nbdev (doclinks / show_doc) find this library's symbol index

@@ -10,4 +10,5 @@ from icefast.metrics import *
 from icefast.learner import *
 from icefast.runtime import *
 from icefast.export import *
+from icefast.distributed import *
 from icefast.synthetic import *

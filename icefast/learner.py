@@ -81,7 +81,7 @@ def to_original(det:dict, record, hw) -> dict:
     return out
 
 def _gather_results(results:list) -> list:
-    "Under distributed training, every process's COCO results (each image once: fastai pads the shards with repeats)."
+    "Under distributed validation, every process's COCO results, in every process (each image once, should a loader pad shards with repeats)."
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return results
     parts = [None] * dist.get_world_size()
@@ -124,7 +124,8 @@ class DetectionAdapter(Callback):
     def before_validate(self): self._results, self._epoch_metrics, self._items = [], None, self.learn.dl.items
 
     def after_validate(self):
-        "With COCO metrics: evaluate now and choose the score thresholds on this validation (`tune_thresholds`)."
+        "Gather every process's results (distributed: all take part here), then with COCO metrics evaluate and choose the score thresholds (`tune_thresholds`)."
+        self._results = _gather_results(self._results)
         if any(isinstance(m, COCOMetric) for m in self.learn.metrics): self.tune_thresholds(**self.threshold_rule)
 
     def before_fit(self):
@@ -169,7 +170,7 @@ class DetectionAdapter(Callback):
 
     def epoch_metrics(self) -> dict:
         "All COCO figures of this epoch's validation, evaluated once."
-        if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(_gather_results(self._results))
+        if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(self._results)
         return self._epoch_metrics
 
     def evaluated(self) -> bool:

@@ -82,7 +82,7 @@ def test_learner_cli_and_metrics_know_no_architecture():
         hits = [l for l in (ROOT/'icefast'/f).read_text().splitlines() if pat.search(l)]
         assert not hits, (f, hits)
 
-FLOW = ['core', 'parsers', 'data', 'backbones', 'models', 'metrics', 'learner', 'cli']
+FLOW = ['core', 'parsers', 'data', 'backbones', 'models', 'metrics', 'learner', 'distributed', 'cli']
 
 def test_imports_follow_the_data_flow():
     "No module imports one below it in the flow, not even inside a function."
