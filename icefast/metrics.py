@@ -43,6 +43,7 @@ def records_to_coco(records:list, class_map:ClassMap, masks:bool=False) -> dict:
     cats = [{'id': class_map.source_id(i), 'name': n} for i, n in enumerate(class_map.classes, 1)]
     return {'images': images, 'annotations': anns, 'categories': cats}
 
+# %% ../nbs/08_metrics.ipynb #22db7c3e
 def detections_to_coco(image_id, det:dict, class_map:ClassMap) -> list:
     "COCO results of one image's detections (xyxy `boxes` in its original pixels, `scores`, `labels`, optional `masks`)."
     boxes, scores, labels = (np.asarray(det[k]) for k in ('boxes', 'scores', 'labels'))
