@@ -185,6 +185,7 @@ def image_record(path, image_id=None) -> Record:
     except Exception as e: raise OSError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     return Record(path, Path(path).stem if image_id is None else image_id, w, h)
 
+# %% ../nbs/00_core.ipynb #c4cb7dfd
 def _to_uint8(a:np.ndarray) -> np.ndarray:
     if a.dtype.kind == 'f' and a.size and a.min() >= 0 and a.max() <= 1: return (a*255).round().astype(np.uint8)
     if a.dtype == np.uint16 or (a.size and a.max() > 255 and a.max() <= 65535 and a.min() >= 0): return (a/257).round().astype(np.uint8)
