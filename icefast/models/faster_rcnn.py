@@ -15,6 +15,7 @@ def list_models() -> list:
     "The backbone names Faster R-CNN takes."
     return rcnn_names('faster_rcnn')
 
+# %% ../../nbs/05_models.faster_rcnn.ipynb #d5070eee
 @register_model('faster_rcnn', backbones=list_models, default_backbone='resnet_fpn.resnet50', detector_keys=('rpn.', 'roi_heads.'),
                 coco_backbones=[n for a, n in _TORCHVISION_DETECTORS if a == 'faster_rcnn'])
 def model(
