@@ -20,6 +20,7 @@ def _polygon(shape, cx, cy, r, angle):
     t = angle + np.linspace(0, 2*math.pi, n, endpoint=False) + (math.pi/4 if shape == 'square' else 0)
     return np.stack([cx + r*np.cos(t), cy + r*np.sin(t)], 1)
 
+# %% ../nbs/10_synthetic.ipynb #1f8be733
 def make_shapes(
     root, # Folder to write `images/` and `annotations.json` into
     n_images:int=32, # Number of images
