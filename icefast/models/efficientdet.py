@@ -44,6 +44,7 @@ def feature_indices(backbone:str, strides=(8, 16, 32)) -> tuple:
                          f"{list(strides)} (missing {missing}); convolutional backbones such as {TIMM_PRESETS[:4]} work")
     return tuple(len(red) - 1 - red[::-1].index(s) for s in strides)  # the last map at each stride
 
+# %% ../../nbs/07_models.efficientdet.ipynb #4e104f8f
 def efficientdet_config(model_name:str=None, backbone:str=None, img_size=None, num_classes:int=None):
     "effdet's config for `model_name` (or the d0 BiFPN on the timm `backbone`), sized and with `num_classes` (background excluded)."
     from effdet import get_efficientdet_config
@@ -176,6 +177,7 @@ def _timm_backbone_state(backbone:str, timeout:float=20.):
                                  f"pretrained_backbone='/path/to/model.safetensors' (CLI: --pretrained PATH), or build with pretrained_backbone=False. [{type(e).__name__}: {str(e)[:200]}]") from None
     finally: socket.setdefaulttimeout(old)
 
+# %% ../../nbs/07_models.efficientdet.ipynb #5de1f02d
 def model(
     model_name:str='tf_efficientdet_lite0', # An EfficientDet name (see `list_models()`); ignored when `backbone` is given
     *,
@@ -208,6 +210,7 @@ def model(
     m.icefast_config = dict(arch='efficientdet', backbone=backbone or model_name, num_classes=num_classes, img_size=list(cfg.image_size))
     return m
 
+# %% ../../nbs/07_models.efficientdet.ipynb #8c7644ba
 def _has_coco(name:str) -> bool: return name in EFFDET_NAMES and bool(efficientdet_config(name).url)
 
 def _check(backbone:str, img_size=None):
