@@ -81,12 +81,14 @@ def build_single_stage(cls, arch:str, torchvision_builders:dict, names:list, bac
     if whole: load_detector_weights(model, pretrained, f"{arch} {name}", torchvision_builders.get(name), ('head.',), list(torchvision_builders))
     return finish_torchvision(model, arch, name, num_classes, img_size, whole, kwargs)
 
+# %% ../../nbs/07a_models.retinanet.ipynb #7cc09f67
 _TORCHVISION = {'resnet_fpn.resnet50': 'retinanet_resnet50_fpn', 'resnet50_fpn_v2': 'retinanet_resnet50_fpn_v2'}
 
 def list_models() -> list:
     "The backbone names RetinaNet takes."
     return list_backbones('resnet_fpn') + list(WHOLE_TORCHVISION_BUILDS)
 
+# %% ../../nbs/07a_models.retinanet.ipynb #c48913bd
 @register_model('retinanet', backbones=list_models, default_backbone='resnet_fpn.resnet50', coco_backbones=_TORCHVISION,
                 detector_keys=('head.',))
 def model(
