@@ -19,6 +19,7 @@ class FCOSModel(SingleStageMixin, tvd.FCOS):
     loss_names = ('classification', 'bbox_regression', 'bbox_ctrness')
     def dense_loss(self, targets, head, anchors, per_level): return self.compute_loss(targets, head, anchors, per_level)
 
+# %% ../../nbs/07b_models.fcos.ipynb #bb28b615
 _TORCHVISION = {'resnet_fpn.resnet50': 'fcos_resnet50_fpn'}
 
 def list_models() -> list:
