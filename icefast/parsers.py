@@ -683,6 +683,7 @@ _CSV_NAMES = {
     'xywh': (('x', 'y', 'w', 'h'), ('x', 'y', 'width', 'height'), ('left', 'top', 'width', 'height'), ('bbox_x', 'bbox_y', 'bbox_w', 'bbox_h')),
 }
 
+# %% ../nbs/01_parsers.ipynb #c9459cf1
 class CSVParser(Parser):
     "One row per box (rows with empty box fields are images without boxes); common headers recognised, or `columns=`; 0-based pixels as written (see `one_based`)."
     def __init__(self,
