@@ -3,6 +3,7 @@ SGD + linear warmup + cosine loop (the torchvision detection references' recipe)
 number of steps. With no pretrained weights on disk, everything trains from scratch on the synthetic shapes set.
 
     KMP_BLOCKTIME=0 python bench/fine_tune_defaults.py --arch faster_rcnn --epochs 12
+    KMP_BLOCKTIME=0 python bench/fine_tune_defaults.py --only default --opt fastai torch   # the optimizers, same recipe
 """
 import argparse, math, os, sys, tempfile, time, warnings
 os.environ.setdefault('KMP_BLOCKTIME', '0')
@@ -12,7 +13,8 @@ from fastai.torch_core import set_seed
 from icefast.synthetic import make_shapes
 from icefast.parsers import COCOParser
 from icefast.data import dataloaders
-from icefast.learner import detection_learner
+from fastai.optimizer import Adam
+from icefast.learner import detection_learner, TorchAdamW
 from icefast.models import create_model, list_models, model_spec
 
 CONFIGS = {  # name: fine_tune keyword arguments
@@ -21,6 +23,8 @@ CONFIGS = {  # name: fine_tune keyword arguments
     'no freeze, lr 1e-3': dict(base_lr=1e-3, freeze_epochs=0, lr_mult=1),
     'no freeze, lr 4e-3': dict(base_lr=4e-3, freeze_epochs=0, lr_mult=1),
 }
+
+OPTS = {'default': {}, 'fastai': dict(opt_func=Adam), 'torch': dict(opt_func=TorchAdamW)}  # detection_learner kwargs
 
 SMALL = {'efficientdet': 'mobilenetv3_large_100'}  # every other architecture: resnet18 FPN
 
@@ -58,6 +62,9 @@ def main():
     ap.add_argument('--sgd-lr', type=float, default=None, help='default 0.02 * bs / 16 (the references\' linear rule)')
     ap.add_argument('--only', nargs='*', default=None, help='config names to run (substring match); "sgd" for the loop')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--opt', nargs='+', default=['default'], choices=('default', 'fastai', 'torch'),
+                    help="the Learner's opt_func for every fine_tune config: detection_learner's default, fastai's Adam, "
+                         "or icefast.learner.TorchAdamW (torch.optim.AdamW through OptimWrapper); several: each in turn")
     ap.add_argument('--workers', type=int, default=None, help="DataLoader workers (default: icefast's, 0 on the CPU)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count()))
@@ -69,22 +76,24 @@ def main():
     rows = []
     runs = [('sgd', None)] + list(CONFIGS.items())
     if a.only: runs = [(n, c) for n, c in runs if any(o in n for o in a.only)]
-    for name, cfg in runs:
+    runs = [(n if c is None or a.opt == ['default'] else f"{n}, {o}", c, o) for n, c in runs
+            for o in (a.opt if c is not None else ['default'])]
+    for name, cfg, opt in runs:
         set_seed(a.seed, reproducible=True)
         dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, batch_tfms=[], **({} if a.workers is None else {'num_workers': a.workers}))
         set_seed(a.seed, reproducible=True)
-        learn = detection_learner(dls, build(a.arch, len(p.class_map), a.size))
-        t = time.perf_counter()
+        learn = detection_learner(dls, build(a.arch, len(p.class_map), a.size), **OPTS[opt])
+        t, c = time.perf_counter(), time.process_time()
         with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             if cfg is None: sgd_loop(learn, a.epochs, a.sgd_lr or 0.02 * a.bs / 16)
             else:
                 ft = dict(cfg); fz = ft.get('freeze_epochs', 0 if cfg == {} else 1)
                 learn.fine_tune(a.epochs - fz, **ft)
-            secs = time.perf_counter() - t
+            secs, cpu = time.perf_counter() - t, time.process_time() - c
             res = dict(zip(['loss'] + [m.name for m in learn.metrics], learn.validate()))
         rows.append((name if cfg is not None else f"SGD+warmup+cosine lr {a.sgd_lr or 0.02 * a.bs / 16:g}", secs, res['mAP'], res['mAP50']))
-        print(f"{rows[-1][0]:<48} {secs:7.1f} s  mAP {res['mAP']:.3f}  mAP50 {res['mAP50']:.3f}", flush=True)
+        print(f"{rows[-1][0]:<48} {secs:7.1f} s ({cpu:.0f} s CPU)  mAP {res['mAP']:.3f}  mAP50 {res['mAP50']:.3f}", flush=True)
     base = rows[0] if runs[0][0] == 'sgd' else None
     print(f"\n{a.arch}, {a.n_images} images at {a.size} px, bs {a.bs}, {a.epochs} epochs, {len(dls.train)} steps/epoch, from scratch")
     print(f"{'run':<48} {'wall s':>7} {'mAP':>6} {'mAP50':>6}" + ('  mAP50 vs SGD' if base else ''))

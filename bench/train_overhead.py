@@ -1,15 +1,16 @@
 """Training-step overhead: seconds per step through icefast's fastai Learner against a plain PyTorch loop.
 
 The same model (one initial state dict loaded into both before every measurement, the same R-CNN sampling settings),
-the same batches in the same order, the same optimizer (fastai's `Adam`, the Learner's default `opt_func`, in both;
-`--opt torch`: `torch.optim.AdamW` with the same hyper-parameters in both, through `OptimWrapper` in the Learner), the
+the same batches in the same order, the same optimizer (torch's `AdamW` with fastai Adam's hyper-parameters, fused where torch has the kernel, in both:
+`icefast.learner.TorchAdamW`, the Learner's default `opt_func`, in the Learner; `--opt fastai`: fastai's `Adam` in both), the
 same learning rate and seed. The ratio icefast/plain is the Learner's overhead; the target is <= 1.03.
 
     . .venv/bin/activate
     python bench/train_overhead.py                        # Faster R-CNN resnet18-FPN, 128 px, batch 4 (~3 min on 2 busy cores)
     python bench/train_overhead.py --arch mask_rcnn
     python bench/train_overhead.py --arch efficientdet    # mobilenetv3_small_100 EfficientDet
-    python bench/train_overhead.py --plain-opt torch      # icefast's default (fastai Adam) against torch.optim.AdamW
+    python bench/train_overhead.py --plain-opt torch-default  # against torch.optim.AdamW(model.parameters(), lr) as written by hand
+    python bench/train_overhead.py --opt fastai --plain-opt torch  # fastai's Adam (the default before) against torch's AdamW
     python bench/train_overhead.py --device cuda --size 384 --bs 8 --steps 20 --workers 4
 
 Two modes, measured side by side in one run, repeats alternating the order:
@@ -85,13 +86,20 @@ def _callbacks():
 
 
 def optimizer_factories(kind:str):
-    "(Learner opt_func, plain-loop optimizer maker): the same optimizer and hyper-parameters on both sides."
-    from fastai.optimizer import Adam, OptimWrapper
-    from icefast.learner import param_groups_of
-    if kind == 'fastai':  # the Learner's default opt_func; the plain loop builds it on the same parameter groups
+    """(Learner opt_func, plain-loop optimizer maker) of `kind`: 'fastai' (fastai's Adam), 'torch' (`icefast.learner.TorchAdamW`,
+    the Learner's default: torch's AdamW, fused where torch has the kernel, with fastai Adam's hyper-parameters; the plain loop
+    the same torch optimizer and settings) or 'torch-default' (the plain loop only: `torch.optim.AdamW(model.parameters(), lr)`
+    as a PyTorch user writes it, torch's defaults: weight decay 0.01 on every parameter, foreach on CUDA, a loop on the CPU)."""
+    from fastai.optimizer import Adam
+    from icefast.learner import param_groups_of, TorchAdamW, _fused_ok
+    if kind == 'fastai':  # the Learner's earlier default; the plain loop builds it on the same parameter groups
         return Adam, lambda model, lr: Adam(param_groups_of(model), lr=lr)
-    adamw = partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)  # fastai Adam's defaults
-    return partial(OptimWrapper, opt=adamw), lambda model, lr: adamw(model.parameters(), lr=lr)
+    if kind == 'torch-default': return None, lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr)
+    def plain(model, lr):
+        ps = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01,
+                                 **(dict(fused=True) if _fused_ok(ps) else dict(foreach=True)))
+    return TorchAdamW, plain
 
 
 def run_plain(model, batches, make_opt, lr, dev, seed, warmup, from_loader:bool):
@@ -144,7 +152,7 @@ def run_learner(learn, loader, lr, dev, seed, warmup, bar:bool):
 def optimizer_step_ms(model, lr, n=5) -> dict:
     "Milliseconds of one `step()` of fastai's Adam and of torch's AdamW on `model`'s trainable parameters (gradients set)."
     out = {}
-    for kind in ('fastai', 'torch'):
+    for kind in ('fastai', 'torch', 'torch-default'):
         m = copy.deepcopy(model)
         for p in m.parameters():
             if p.requires_grad: p.grad = torch.full_like(p, 1e-3)
@@ -168,11 +176,12 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=1, help='untimed steps first in each measurement (at least 1)')
     p.add_argument('--workers', type=int, default=2, help='loader processes in the loader mode (both pipelines)')
     p.add_argument('--mode', choices=('step', 'loader', 'both'), default='both')
-    p.add_argument('--opt', choices=('fastai', 'torch'), default='fastai',
-                   help="the Learner's optimizer: fastai's Adam (its default opt_func) or torch.optim.AdamW through OptimWrapper")
-    p.add_argument('--plain-opt', choices=('same', 'fastai', 'torch'), default='same',
+    p.add_argument('--opt', choices=('fastai', 'torch'), default='torch',
+                   help="the Learner's optimizer: torch's AdamW through icefast.learner.TorchAdamW (the default opt_func, fused "
+                        "where torch has the kernel) or fastai's Adam (the default before)")
+    p.add_argument('--plain-opt', choices=('same', 'fastai', 'torch', 'torch-default'), default='same',
                    help="the plain loop's optimizer: the same as the Learner's (default: the ratio is the Learner's overhead), or "
-                        "another (--opt fastai --plain-opt torch: icefast's default against what a PyTorch user writes)")
+                        "another (--plain-opt torch-default: torch.optim.AdamW(model.parameters(), lr) as a PyTorch user writes it)")
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--no-bar', action='store_true', help='train the Learner without its progress bar')
     args = p.parse_args(argv)
@@ -291,7 +300,8 @@ def main(argv=None):
         a, b = first[('step', 'plain')], first[('step', 'icefast')]
         print(f"same computation check (step mode, first step, same weights/batch/seed): loss plain {a:.5f}, icefast {b:.5f}"
               f"{'' if abs(a - b) <= 1e-3*max(1., abs(a)) else '  DIFFERENT'}")
-    print(f"optimizer step() alone on this model: fastai Adam {opt_ms['fastai']:.1f} ms, torch AdamW {opt_ms['torch']:.1f} ms")
+    print(f"optimizer step() alone on this model: fastai Adam {opt_ms['fastai']:.1f} ms, TorchAdamW's torch AdamW "
+          f"{opt_ms['torch']:.1f} ms, torch.optim.AdamW with torch's defaults {opt_ms['torch-default']:.1f} ms")
     print("CPU s/step: CPU time of the main process (all its threads; workers not counted), least of the repeats; less "
           "sensitive to other load than wall time.")
     print(f"total {time.perf_counter() - t0:.0f}s; {C.load_line()}")

@@ -11,8 +11,9 @@ from .parsers import DATA_LAYOUTS
 
 # %% auto #0
 __all__ = ['DEMO_SETTINGS', 'DEMO_QUICK', 'COMMANDS', 'CLIError', 'TrainingError', 'report_dict', 'parse_data', 'split_records',
-           'resolve_pretrained', 'build_model', 'train', 'run_file', 'load_run', 'image_files', 'image_records',
-           'LearnerDetector', 'load_detector', 'predict', 'evaluate', 'export', 'demo', 'build_argparser', 'main']
+           'resolve_pretrained', 'build_model', 'train', 'run_file', 'run_dir', 'load_run', 'image_files',
+           'image_records', 'LearnerDetector', 'load_detector', 'predict', 'evaluate', 'export', 'demo',
+           'build_argparser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c2a0a0b2
 class CLIError(Exception):
@@ -155,6 +156,7 @@ def _plain_progress(learn, log, bars:bool=False, every:float=None):
     from icefast.learner import ProgressLines
     shown = []
     def logger(values):
+        if len(values) <= 2: return  # an epoch skipped when resuming: only its number and time
         names = learn.recorder.metric_names
         widths = [max(len(n), 8) for n in names]
         if not shown: log('  '.join(f"{n:>{w}}" for n, w in zip(names, widths))); shown.append(True)
@@ -185,14 +187,73 @@ def _lr(value):
     if not 0 < lr < 10: raise CLIError(f"--lr {value}: outside (0, 10)")
     return lr
 
+_RESUME_OVERRIDES = ('device', 'workers', 'progress_every')  # what --resume takes from the command line; the rest from run.json
+
+def _read_json(f:Path, what:str) -> dict:
+    with _as_cli_error(what, (ValueError,)): return json.loads(f.read_text())
+
+def _resume_args(args, log=print) -> argparse.Namespace:
+    "The options of the run in folder `args.resume` (its run.json), with --device, --workers and --progress-every as given now."
+    run = Path(args.resume).expanduser()
+    f = run/'run.json'
+    if not f.is_file(): raise CLIError(f"--resume {run}: no run.json here: not a folder written by 'icefast train'")
+    s = _read_json(f, f"--resume {f}")
+    if s.get('state') == 'finished' or (run/'model.pkl').is_file():
+        raise CLIError(f"--resume {run}: the run finished its {s.get('epochs')} epochs (model.pkl is its model); nothing to "
+                       "resume: start a new run with another --out")
+    if not s.get('args'): raise CLIError(f"--resume {f}: no 'args' (written by an icefast without --resume): train again")
+    for name in ('checkpoint.pt', 'last.pth', 'learner.pkl'):
+        if not (run/'models'/name).is_file():
+            raise CLIError(f"--resume {run}: no models/{name}: the run stopped before the end of its first epoch, so there is "
+                           "nothing to resume; start it again with the same options")
+    defaults = vars(build_argparser().parse_args(['train', '--resume', str(run)]))
+    given = {k for k, v in vars(args).items() if k in defaults and k != 'resume' and v != defaults[k]}
+    ignored = sorted(given - set(_RESUME_OVERRIDES))
+    if ignored: log(f"icefast: --resume: {', '.join('--' + k.replace('_', '-') for k in ignored)} ignored: the run continues "
+                    f"with its own options ({f})")
+    new = argparse.Namespace(**{**defaults, **s['args'], **{k: getattr(args, k) for k in given & set(_RESUME_OVERRIDES)}})
+    new.resume, new.out = str(run), str(run)
+    return new
+
+def _check_train_args(args):
+    "--data, --format and --out, which argparse cannot require because --resume needs none of them."
+    missing = [f"--{k}" for k in ('data', 'format', 'out') if getattr(args, k, None) is None]
+    if missing: raise CLIError(f"the following arguments are required: {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
+
+def _saved_args(args, lr) -> dict:
+    "`args` as run.json keeps them for --resume: paths absolute, the learning rate as used (lr_find's suggestion for 'auto')."
+    a = {k: v for k, v in vars(args).items() if k != 'resume'}
+    for k in ('data', 'images', 'valid_data', 'out'):
+        if a.get(k): a[k] = str(Path(a[k]).expanduser().resolve())
+    if a.get('split'): a['split'] = [str(Path(f).expanduser().resolve()) for f in a['split']]
+    a['lr'] = None if lr is None else str(lr)
+    return a
+
+def _resumed_model(out:Path):
+    "The model of the run in `out` as it was built (the learner `icefast train` saved before training), for --resume."
+    import pickle
+    from fastai.learner import load_learner
+    f = out/'models'/'learner.pkl'
+    with warnings.catch_warnings(), _as_cli_error(f"--resume {f}", (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError)):
+        warnings.simplefilter('ignore')
+        return load_learner(f).model
+
+def _write_json(f:Path, d:dict):
+    "Write `d` to `f` under another name first, so that a kill never leaves half a file."
+    tmp = f.with_name(f.name + '.tmp')
+    tmp.write_text(json.dumps(d, indent=1)); os.replace(tmp, f)
+
 def train(args, log=print) -> dict:
-    "Run `icefast train` with parsed `args`; returns the run summary (also written to `out/run.json`)."
+    "Run `icefast train` with parsed `args`, or continue the run of `args.resume`; returns the run summary (also `out/run.json`)."
     t0 = time.time()
+    resume = getattr(args, 'resume', None)
+    if resume: args = _resume_args(args, log)
+    else: _check_train_args(args)
     lr = _lr(args.lr)
     if args.epochs < 1 or args.bs < 1: raise CLIError("--epochs and --bs must be at least 1")
     if args.size < 32: raise CLIError(f"--size {args.size}: at least 32 pixels")
     out = Path(args.out).expanduser()
-    weights = resolve_pretrained(args.pretrained, args.arch, _backbone(args.arch, args.backbone))
+    weights = (False, False) if resume else resolve_pretrained(args.pretrained, args.arch, _backbone(args.arch, args.backbone))
     _check_model_args(args.arch, args.backbone, args.size)
     if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
     from icefast.models import model_spec
@@ -208,9 +269,9 @@ def train(args, log=print) -> dict:
 
     import torch
     from fastai.torch_core import set_seed
-    from fastai.callback.tracker import SaveModelCallback
+    from fastai.callback.core import Callback
     from icefast.data import dataloaders
-    from icefast.learner import detection_learner, NonFiniteLoss, RunLog, plot_lr_find
+    from icefast.learner import detection_learner, NonFiniteLoss, RunLog, RunCheckpoint, plot_lr_find
     set_seed(args.seed)
     device = _device(args.device)
     cm = parser.class_map
@@ -228,8 +289,8 @@ def train(args, log=print) -> dict:
     log(f"icefast: {n_train} training and {n_valid} validation images, {n_cls} class{'' if n_cls == 1 else 'es'}, {args.size} px, on {device}")
     if isinstance(weights[0], Path): log(f"icefast: --pretrained {weights[0]}: read as whole-detector weights")
     if isinstance(weights[1], Path): log(f"icefast: --pretrained {weights[1]}: read as backbone weights (no detector heads in it)")
-    model = build_model(args.arch, args.backbone, len(cm), args.size, weights)
-    run_log, saver = RunLog(out), SaveModelCallback(monitor='mAP', fname='best', reset_on_fit=False)
+    model = _resumed_model(out) if resume else build_model(args.arch, args.backbone, len(cm), args.size, weights)
+    run_log, ckpt = RunLog(out), RunCheckpoint(out/'models', monitor='mAP')
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
         learn = detection_learner(dls, model, path=out, model_dir='models')
@@ -239,31 +300,59 @@ def train(args, log=print) -> dict:
             lr = float(sug.valley)
             plot_lr_find(learn, out/'lr_find.png')
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
-        learn.add_cbs([run_log, saver])
+        base = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
+                    images=str(Path(args.images).expanduser().resolve()) if args.images else None, arch=args.arch,
+                    backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
+                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
+                    n_valid=n_valid, args=_saved_args(args, lr))
+        def progress(state:str):  # run.json while training: what the folder holds, for predict / eval / export and --resume
+            rows = run_log.rows
+            best = rows[ckpt.best_epoch] if ckpt.best_epoch is not None and ckpt.best_epoch < len(rows) else None
+            _write_json(out/'run.json', dict(base, state=state, epochs_done=ckpt.done, best_epoch=ckpt.best_epoch, best=best,
+                                             last=rows[-1] if rows else None, thresholds=ckpt.best_thresholds,
+                                             model='models/best.pth' if best else None, seconds=round(time.time() - t0, 1)))
+        start = 0
+        with _as_cli_error(f"--resume {out}" if resume else f"--out {out}", (ValueError,)):
+            if resume: start = ckpt.restore(learn)
+            else: (out/'models').mkdir(exist_ok=True); learn.export('models/learner.pkl')  # the learner as built, for --resume
+        class _Progress(Callback):
+            order = ckpt.order + 1
+            def after_epoch(self): progress('running')
+        cbs = [run_log, ckpt, _Progress()]
+        learn.add_cbs(cbs)
+        if resume:
+            log(f"icefast: resuming {out} after epoch {start} of {args.epochs}"
+                + (f" (best mAP {ckpt.best:.3f} at epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None else ''))
+        else: progress('running')
         try:
             with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)):
-                learn.fine_tune(args.epochs, **({} if lr is None else {'base_lr': lr}))
+                learn.fine_tune(args.epochs, start_epoch=start, **({} if lr is None else {'base_lr': lr}))
         except NonFiniteLoss as e:
+            progress('failed')
             best = out/'models'/'best.pth'
             kept = (f"; {best} holds the best epoch before it (mAP {run_log.best().get('mAP') or 0.:.3f})"
                     if best.is_file() and run_log.rows else '')
             why = str(e).split('\n\t')[-1]  # without fastai's "Exception occured in ..." prefix
             raise TrainingError(f"{why} Nothing was exported as the run's model (no model.pkl){kept}.") from e
+        except KeyboardInterrupt:
+            progress('interrupted')
+            log(f"icefast: interrupted after {ckpt.done} of {args.epochs} epochs; 'icefast train --resume {out}' continues, and "
+                + (f"predict, eval and export use its best checkpoint (epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None
+                   else "nothing is saved yet (no epoch finished)"))
+            raise
         except OSError as e: raise CLIError(str(e)) from e
-    learn.remove_cbs([run_log, saver])
+    learn.remove_cbs(cbs)
+    if ckpt.best_epoch is not None: ckpt.load_best(learn)  # the exported model is the best epoch's
     learn.export('model.pkl')
+    (out/'models'/'learner.pkl').unlink(missing_ok=True)  # model.pkl replaces it
     run_log.plot(out/'curves.png')
     _save_fig(learn.show_results(max_n=args.show, threshold=args.threshold), out/'results.png')
-    best = run_log.best('mAP')
-    summary = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
-                   images=str(Path(args.images).expanduser().resolve()) if args.images else None, arch=args.arch,
-                   backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
-                   epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
-                   n_valid=n_valid, best_epoch=best['epoch'], best=best, last=run_log.rows[-1], thresholds=learn.thresholds,
-                   seconds=round(time.time() - t0, 1),
-                   files=['metrics.csv', 'metrics.json', 'models/best.pth', 'model.pkl', 'curves.png', 'results.png',
-                          'data_report.json', 'data_report.txt', 'valid.txt'])
-    (out/'run.json').write_text(json.dumps(summary, indent=1))
+    best = run_log.rows[ckpt.best_epoch] if ckpt.best_epoch is not None else run_log.best('mAP')
+    summary = dict(base, state='finished', epochs_done=ckpt.done, best_epoch=best['epoch'], best=best, last=run_log.rows[-1],
+                   thresholds=learn.thresholds, model='model.pkl', seconds=round(time.time() - t0, 1),
+                   files=['metrics.csv', 'metrics.json', 'models/best.pth', 'models/last.pth', 'models/checkpoint.pt',
+                          'model.pkl', 'curves.png', 'results.png', 'data_report.json', 'data_report.txt', 'valid.txt'])
+    _write_json(out/'run.json', summary)
     log(f"icefast: best mAP {best.get('mAP', 0):.3f} (mAP50 {best.get('mAP50', 0):.3f}) at epoch {best['epoch']}; "
         f"{summary['seconds']:.0f} s; written to {out}")
     return summary
@@ -274,14 +363,34 @@ def train(args, log=print) -> dict:
 _EXPORTED = ('.onnx', '.torchscript', '.pt', '.ts')  # suffixes of the files `icefast export` writes (`icefast.runtime.export_format`)
 
 def run_file(path) -> Path:
-    "The model file of a run folder (its model.pkl), or `path` itself: a .pkl learner or an .onnx / .torchscript export."
+    """The model file of a run folder (its model.pkl; for a run interrupted before the end, models/learner.pkl, read with
+    its best checkpoint), or `path` itself: a .pkl learner or an .onnx / .torchscript export."""
     p = Path(path).expanduser()
-    if p.is_dir(): p = p/'model.pkl'
+    if p.is_dir():
+        unfinished = p/'models'/'learner.pkl'
+        p = unfinished if not (p/'model.pkl').is_file() and unfinished.is_file() and (p/'models'/'best.pth').is_file() else p/'model.pkl'
     if not p.is_file(): raise CLIError(f"{path}: no exported learner or export here (a run folder with model.pkl, a .pkl file, or an .onnx / .torchscript file)")
     return p
 
-def load_run(path, device:str='auto'):
-    "The exported learner of a run folder (its model.pkl) or of a .pkl file, on `device`."
+def run_dir(p:Path) -> Path:
+    "The run folder of model file `p` (`run_file`'s answer)."
+    return p.parent.parent if p.name == 'learner.pkl' and p.parent.name == 'models' else p.parent
+
+def _best_of_unfinished(learn, run:Path, log=print):
+    "Load the best checkpoint of the unfinished run in `run` into `learn`, with its thresholds, and say which epoch it holds."
+    from fastai.learner import load_model
+    s = _read_json(run/'run.json', f"{run/'run.json'}") if (run/'run.json').is_file() else {}
+    with _as_cli_error(f"{run/'models'/'best.pth'}", (RuntimeError, ValueError, KeyError)):
+        load_model(run/'models'/'best.pth', learn.model, None, with_opt=False)
+    if s.get('thresholds'): learn.model.score_thresholds = dict(s['thresholds'])
+    m = (s.get('best') or {}).get('mAP')
+    log(f"icefast: {run} is an unfinished run ({s.get('state', 'interrupted')} after {s.get('epochs_done', '?')} of "
+        f"{s.get('epochs', '?')} epochs; no model.pkl): using models/best.pth, epoch {s.get('best_epoch', '?')}"
+        + (f" (mAP {m:.3f})" if m is not None else '') + f"; 'icefast train --resume {run}' finishes the run")
+    return learn
+
+def load_run(path, device:str='auto', log=print):
+    "The exported learner of a run folder (its model.pkl, or an unfinished run's best checkpoint) or of a .pkl file, on `device`."
     p = run_file(path)
     import pickle
     from fastai.learner import load_learner
@@ -291,6 +400,7 @@ def load_run(path, device:str='auto'):
         warnings.simplefilter('ignore')
         learn = load_learner(p, cpu=dev.type == 'cpu')
     if not hasattr(learn, 'detection'): raise CLIError(f"{p}: a fastai learner, but not an icefast detector")
+    if run_dir(p) != p.parent: _best_of_unfinished(learn, run_dir(p), log)
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
     return learn
 
@@ -333,10 +443,10 @@ class LearnerDetector:
         with _as_cli_error(''): preds, _ = self.learn.get_preds(dl=self.learn.dls.test_dl(records, bs=bs))
         return [keep_above({k: v.numpy() for k, v in d.items()}, self.score_threshold(threshold), self.class_map) for d in preds]
 
-def load_detector(path, device:str='auto'):
+def load_detector(path, device:str='auto', log=print):
     "What predict and eval run: a run's learner (`LearnerDetector`), or an exported file through `icefast.runtime`."
     p = run_file(path)
-    if p.suffix.lower() not in _EXPORTED: return LearnerDetector(load_run(p, device))
+    if p.suffix.lower() not in _EXPORTED: return LearnerDetector(load_run(p, device, log))
     from icefast.runtime import ExportedDetector
     with _as_cli_error(str(p), (ValueError, ImportError)): return ExportedDetector(p, device=_device(device).type)
 
@@ -353,7 +463,7 @@ def predict(args, log=print) -> dict:
         parser = _data_parser(args.data, args.format, images=args.data_images, label_attr=args.label_attr, **_class_name_kw(args))
         for r in parse_data(parser, log=lambda *a: None): known[str(r.filepath.resolve())] = known[r.filepath.name] = r.image_id
     records = image_records(files, known)
-    model = load_detector(args.run, args.device)
+    model = load_detector(args.run, args.device, log)
     cm = model.class_map
     out = Path(args.out).expanduser()
     with _as_cli_error(f"--out {out}"): (out/'images').mkdir(parents=True, exist_ok=True)
@@ -377,7 +487,7 @@ def predict(args, log=print) -> dict:
 
 def _note_training_images(args, records, log):
     "Say so when `icefast eval` scores the run's validation images and more: most likely its training images too."
-    valid = run_file(args.run).parent/'valid.txt'
+    valid = run_dir(run_file(args.run))/'valid.txt'
     if not valid.is_file(): return
     ids = _split_ids(valid)
     n_valid = sum(_listed(r, ids) for r in records)
@@ -390,7 +500,7 @@ def evaluate(args, log=print) -> dict:
     from icefast.metrics import evaluate_detections, metrics_table, per_class_frame, confusion_matrix, plot_confusion_matrix, plot_pr_curves
     ious = [round(0.5 + 0.05*i, 2) for i in range(10)]
     if args.iou not in ious: raise CLIError(f"--iou {args.iou}: COCO evaluates at {', '.join(map(str, ious))}; pick one of them")
-    model = load_detector(args.run, args.device)
+    model = load_detector(args.run, args.device, log)
     cm, masks = model.class_map, model.masks
     parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, class_map=cm,
                          **_class_name_kw(args))
@@ -452,9 +562,9 @@ def export(args, log=print) -> dict:
     if args.verify < 0: raise CLIError(f"--verify {args.verify}: a number of images, 0 for none")
     p = run_file(args.run)
     if p.suffix.lower() in _EXPORTED: raise CLIError(f"{p}: already an export; give the run folder or its model.pkl")
-    learn = load_run(p, 'cpu')
-    out = Path(args.out).expanduser() if args.out else p.parent/f"model{EXPORT_FORMATS[args.format]}"
-    records = _export_records(args, p.parent, learn.detection.class_map, learn.detection.masks)
+    learn = load_run(p, 'cpu', log)
+    out = Path(args.out).expanduser() if args.out else run_dir(p)/f"model{EXPORT_FORMATS[args.format]}"
+    records = _export_records(args, run_dir(p), learn.detection.class_map, learn.detection.masks)
     with _as_cli_error(f"icefast export {args.format}", (ValueError, ImportError)):
         rep = export_model(learn, out, args.format, records=records, n_images=args.verify, log=log)
     log(f"icefast: {out} written ({rep['size_mb']:.1f} MB)" + ('' if args.verify else '; not verified (--verify 0)'))
@@ -498,6 +608,12 @@ def _wrap(text:str, indent:str='', first:str=None) -> str:
     return textwrap.fill(text, 100, initial_indent=indent if first is None else first, subsequent_indent=indent)
 
 _EPILOG_DATA = "data layouts (--data):\n" + '\n'.join(_wrap(v, ' '*8, f"  {k:<6}") for k, v in DATA_LAYOUTS.items())
+_EPILOG_RESUME = "\n\ninterrupted runs:\n" + _wrap(
+    "After every epoch the run folder holds models/last.pth (weights and optimizer), models/best.pth (the best epoch so far) "
+    "and models/checkpoint.pt, and run.json says how many epochs are done and which is the best. A run stopped before "
+    "the end (Ctrl-C, a time limit, a crash) is continued by 'icefast train --resume RUN_DIR': the same epochs, learning-"
+    "rate schedule and best-so-far, metrics.csv continued, model.pkl exported at the end; on the CPU it ends as the run "
+    "would have. Until then 'icefast predict / eval / export RUN_DIR' use its best checkpoint and say which epoch it holds.", '  ', '  ')
 
 def _common(p, data_required:bool=True):
     "Arguments that say where the data is."
@@ -520,12 +636,14 @@ def build_argparser() -> argparse.ArgumentParser:
     p.add_argument('--version', action='version', version=f'icefast {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_ArgParser)
 
-    t = sub.add_parser('train', help='train a detector on a data set', formatter_class=fmt, epilog=_EPILOG_DATA,
+    t = sub.add_parser('train', help='train a detector on a data set', formatter_class=fmt, epilog=_EPILOG_DATA + _EPILOG_RESUME,
                        description=_wrap("Train a detector and write to --out: metrics.csv and metrics.json (one row per epoch), "
-                                         "models/best.pth (best mAP), model.pkl (the exported learner for predict and eval), "
+                                         "models/best.pth (best mAP), models/last.pth and models/checkpoint.pt (the last epoch, "
+                                         "for --resume), model.pkl (the exported learner for predict and eval), "
                                          "curves.png (loss and mAP), results.png (ground truth against predictions on validation "
-                                         "images), data_report.json/.txt (what the parser fixed), valid.txt (the validation images) and run.json."))
-    _common(t)
+                                         "images), data_report.json/.txt (what the parser fixed), valid.txt (the validation images) "
+                                         "and run.json (the options, the epochs done and the best so far, rewritten after every epoch)."))
+    _common(t, data_required=False)
     from icefast.models import list_models, model_spec
     archs = list_models()
     t.add_argument('--arch', default='faster_rcnn', choices=archs, help='architecture, from the model registry (default: faster_rcnn)')
@@ -549,7 +667,10 @@ def build_argparser() -> argparse.ArgumentParser:
     g.add_argument('--valid-data', default=None, metavar='PATH',
                    help='validation annotations in their own file or folder, in --format (e.g. val.json beside train.json, '
                         'test.csv beside train.csv); --images applies to both')
-    t.add_argument('--out', required=True, metavar='RUN_DIR', help='folder for the outputs')
+    t.add_argument('--out', default=None, metavar='RUN_DIR', help='folder for the outputs (required, but with --resume)')
+    t.add_argument('--resume', default=None, metavar='RUN_DIR',
+                   help="continue the interrupted run in RUN_DIR from its last epoch, with its own options (run.json; "
+                        "--device, --workers and --progress-every may change), the same epochs and learning-rate schedule")
     t.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
     t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: 0 on the CPU, where the training step uses every core; fastai's on a GPU)")
     t.add_argument('--seed', type=int, default=42, help='random seed of the split and the training (default: 42)')

@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper
+from fastcore.foundation import L
 from pathlib import Path
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, fine_tune, lr_find and progress bars on Learner
 
-import math, time, warnings
+import math, os, time, warnings
+from fastai.callback.tracker import TrackerCallback
+from fastai.torch_core import get_random_states, set_random_states
 from fastai.learner import Recorder
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
@@ -24,10 +28,11 @@ from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe, r
 
 # %% auto #0
 __all__ = ['FINE_TUNE_DEFAULTS', 'CLASS_COLORS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
-           'BatchTargets', 'DetectionAdapter', 'predicts_masks', 'detection_metrics', 'loss_parts', 'param_groups_of',
-           'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner', 'ValidationResults',
-           'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner', 'class_color',
-           'render_detections', 'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find']
+           'BatchTargets', 'DetectionAdapter', 'TorchAdamW', 'predicts_masks', 'detection_metrics', 'loss_parts',
+           'param_groups_of', 'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner',
+           'ValidationResults', 'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner',
+           'class_color', 'render_detections', 'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find', 'RunCheckpoint',
+           'read_checkpoint']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -183,6 +188,46 @@ class DetectionAdapter(Callback):
         self.learn.model.score_thresholds = choose_thresholds(self.evaluator().pr_curves('bbox', iou), precision)
         return self.learn.model.score_thresholds
 
+# %% ../nbs/09_learner.ipynb #7af343ef
+class TorchAdamW(OptimWrapper):
+    "`torch.optim.AdamW` (fused, else foreach) with fastai `Adam`'s hyper-parameters, no decay on norms and biases: an `opt_func`."
+    def __init__(self,
+        params, # Parameter groups, as fastai's splitter gives them
+        lr:float=1e-3, # Learning rate (fastai's `fit` sets it)
+        mom:float=0.9, # First moment (beta1), scheduled by one-cycle
+        sqr_mom:float=0.99, # Second moment (beta2), fastai Adam's
+        eps:float=1e-5, # fastai Adam's epsilon
+        wd:float=0.01, # Decoupled (true) weight decay, fastai Adam's default
+        fused:bool=None, # torch's fused kernel; default: when every parameter is on a device torch has it for
+    ):
+        ps = [p for g in L(params) for p in (g if isinstance(g, (list, L)) else [g])]
+        if fused is None: fused = _fused_ok(ps)
+        super().__init__(params, opt=torch.optim.AdamW, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd,
+                         **(dict(fused=True) if fused else dict(foreach=True)))
+
+    def step(self, closure=None):
+        "torch's step, then the decay of the parameters fastai marks `do_wd=False` given back."
+        back = self._undecay()
+        res = self.opt.step(closure)
+        if back:
+            with torch.no_grad(): torch._foreach_add_(*back)
+        return res
+
+    def _undecay(self):
+        "(params, lr*wd*params) of the trainable parameters without weight decay, before the step."
+        ps, adds = [], []
+        with torch.no_grad():
+            for g in self.opt.param_groups:
+                f = g['lr'] * g['weight_decay']
+                if not f: continue
+                mine = [p for p in g['params'] if p.grad is not None and not self.state[p].get('do_wd', True)]
+                if mine: ps += mine; adds += torch._foreach_mul(mine, f)
+        return (ps, adds) if ps else None
+
+def _fused_ok(ps) -> bool:
+    "Whether torch has a fused AdamW kernel for every parameter of `ps` (floating point, on a CPU or CUDA device)."
+    return bool(ps) and all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in ps)
+
 # %% ../nbs/09_learner.ipynb #e02aca94
 def predicts_masks(model) -> bool:
     "Whether `model`'s detections carry masks (the protocol's `predicts_masks`; False when it does not say)."
@@ -259,19 +304,36 @@ class DetectionLearner(Learner):
         lr_mult:float=None, # Ratio of the heads' to the stem's learning rate; default: the model's (1)
         pct_start:float=None, # Warm-up fraction of the unfrozen one-cycle; default: the model's (0.3)
         div:float=None, # The unfrozen one-cycle starts at lr/div; default: the model's (5)
+        start_epoch:int=0, # Epochs already done (frozen ones count): resume with the same schedule (`RunCheckpoint.restore`)
         **kwargs):
         "fastai's `fine_tune`, with the defaults the model declares for its weights (`fine_tune_defaults`)."
         pretrained = is_pretrained(self.model)
         d = fine_tune_defaults(self.model, pretrained)
         given = dict(base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div)
         a = {k: d[k] if v is None else v for k, v in given.items()}
-        base_lr = a['base_lr']
-        if a['freeze_epochs']:
-            self.freeze()
-            self.fit_one_cycle(a['freeze_epochs'], slice(base_lr), pct_start=0.99, **kwargs)
+        base_lr, fz = a['base_lr'], a['freeze_epochs'] or 0
+        if not 0 <= start_epoch <= fz + epochs:
+            raise ValueError(f"start_epoch={start_epoch}: this fine_tune has {fz + epochs} epochs ({fz} frozen)")
+        if fz:
+            if start_epoch < fz:
+                self._freeze_to(-1, keep_state=start_epoch > 0)
+                self.fit_one_cycle(fz, slice(base_lr), pct_start=0.99, start_epoch=start_epoch, **kwargs)
             base_lr /= 2
-        self.unfreeze()
-        self.fit_one_cycle(epochs, slice(base_lr/a['lr_mult'], base_lr), pct_start=a['pct_start'], div=a['div'], **kwargs)
+        self._freeze_to(0, keep_state=start_epoch > fz)  # fastai clears the optimizer's state here, as it did in the first run
+        self.fit_one_cycle(epochs, slice(base_lr/a['lr_mult'], base_lr), pct_start=a['pct_start'], div=a['div'],
+                           start_epoch=max(0, start_epoch - fz), **kwargs)
+
+    def _freeze_to(self, n:int, keep_state:bool=False):
+        "fastai's `freeze_to`, which clears the optimizer's state, or with `keep_state` the state a resumed run loaded."
+        if not keep_state: return self.freeze_to(n)
+        if self.opt is None: self.create_opt()
+        self.opt.freeze_to(n)
+
+    def create_opt(self):
+        "fastai's, with the model on the DataLoaders' device first, so that `opt_func` sees where the parameters train."
+        dev = getattr(self.dls, 'device', None)
+        if dev is not None: self.model.to(dev)
+        super().create_opt()
 
     def validate(self, ds_idx:int=1, dl=None, cbs=None):
         "fastai's `validate` (the loss, then `learn.metrics`), with every COCO figure in `.figures` and the per-class table in `.per_class`."
@@ -521,6 +583,7 @@ def detection_learner(
     figures=None, # The COCO figures of the progress table: 'all' or names (`detection_metrics`); default mAP, mAP50, mAP75, mAR100
     cpu_light:bool=None, # The model's `cpu_light()` sampling (R-CNN: fewer proposals and RoIs); default: when the DataLoaders are on the CPU
     cbs=None, # More callbacks
+    opt_func=TorchAdamW, # fastai's `opt_func`; default torch's AdamW with fastai Adam's settings (`opt_func=Adam`: fastai's)
     **kwargs, # Passed to fastai's `Learner`
 ) -> Learner:
     "A fastai `Learner` for any icefast detector, with detection losses and COCO metrics."
@@ -535,7 +598,7 @@ def detection_learner(
     if cpu_light is None: cpu_light = getattr(dls, 'device', torch.device('cpu')).type == 'cpu' and callable(light)
     if cpu_light and callable(light): print(f"icefast: training on CPU with {light()}")
     if metrics is None: metrics = detection_metrics(model, figures) + loss_parts(model)
-    return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics,
+    return DetectionLearner(dls, model, loss_func=DetectionLoss(), splitter=param_groups_of, metrics=metrics, opt_func=opt_func,
                             cbs=[DetectionAdapter(class_map, masks=predicts_masks(model)), *(cbs or [])], **kwargs)
 
 # %% ../nbs/09_learner.ipynb #e77743c3
@@ -623,6 +686,10 @@ def _finite(v):
     except (TypeError, ValueError): return None
     return v if math.isfinite(v) else None
 
+def _skipped(recorder) -> bool:
+    "Whether the epoch ending was skipped (fastai's `start_epoch`): it has no training loss, no metrics."
+    return not len(recorder.values[-1])
+
 class RunLog(Callback):
     "A row per epoch (losses, metrics, seconds) across fits, rewritten to `folder`/metrics.csv and metrics.json after each epoch."
     order = Recorder.order + 1  # after the Recorder has logged the epoch
@@ -633,6 +700,7 @@ class RunLog(Callback):
     def after_batch(self):
         if self.training: self.batch_losses.append(float(self.learn.smooth_loss))
     def after_epoch(self):
+        if _skipped(self.recorder): return
         names, values = self.recorder.metric_names, self.recorder.log
         row = {'epoch': len(self.rows), **{n: _finite(v) for n, v in zip(names[1:-1], values[1:-1])}}
         det = getattr(self.learn, 'detection', None)
@@ -683,3 +751,94 @@ def plot_lr_find(learn, fname=None):
     ax.plot(rec.lrs[:n], [float(l) for l in rec.losses[:n]]); ax.set(xscale='log', xlabel='learning rate', ylabel='loss')
     return _saved(fig, fname)
 
+
+# %% ../nbs/09_learner.ipynb #0c5150a9
+class RunCheckpoint(TrackerCallback):
+    "After each epoch: `last.pth` (weights and optimizer), `best.pth` (best `monitor` so far) and `checkpoint.pt`, to `restore` from."
+    order = TrackerCallback.order + 1  # after the Recorder and the RunLog have the epoch
+    def __init__(self,
+        folder=None, # Where the files go; default the learner's `path/model_dir`
+        monitor:str='mAP', # The metric (or loss) that picks `best.pth`
+        comp=None, # np.greater for a metric, np.less for a loss (fastai's `TrackerCallback` rule)
+    ):
+        super().__init__(monitor=monitor, comp=comp, reset_on_fit=False)
+        self.folder, self.done, self.best_epoch, self.best_thresholds, self._pending = folder, 0, None, {}, None
+
+    def dir(self, learn=None) -> Path:
+        "The checkpoint folder."
+        learn = learn or self.learn
+        return Path(self.folder) if self.folder is not None else Path(learn.path)/learn.model_dir
+
+    def before_fit(self):
+        super().before_fit()
+        s, log = self._pending, getattr(self.learn, 'run_log', None)
+        if s and s.get('run_log') and log is not None:
+            log.rows, log.batch_losses = list(s['run_log']['rows']), list(s['run_log']['batch_losses'])
+            s['run_log'] = None
+
+    def before_train(self):
+        "At the first epoch trained after `restore`: the random states and the smoothed loss of the interrupted run."
+        if not self._pending: return
+        s, self._pending = self._pending, None
+        st = dict(s['random'])
+        if not torch.cuda.is_available(): st['torch_cuda_state'] = []
+        set_random_states(**st)
+        for dl, r in zip(self.dls.loaders, s['loaders']):
+            if r is not None and hasattr(dl, 'rng'): dl.rng.setstate(r)
+        if self.epoch > 0:  # within the fit that was interrupted (a new fit starts it afresh, as fastai's Recorder does)
+            self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = s['smooth_loss'][0], torch.tensor(s['smooth_loss'][1])
+
+    def after_epoch(self):
+        "Save the epoch's weights and optimizer, the best weights if it is the best so far, and the state to resume from."
+        if _skipped(self.recorder): return
+        super().after_epoch()
+        d = self.dir(); d.mkdir(parents=True, exist_ok=True)
+        if self.new_best:
+            self.best_epoch, self.best_thresholds = self.done, dict(getattr(self.model, 'score_thresholds', None) or {})
+            self._save('best', with_opt=False)
+        self._save('last', with_opt=True)
+        self.done += 1
+        tmp = d/'checkpoint.pt.tmp'
+        torch.save(self.state(), tmp); os.replace(tmp, d/'checkpoint.pt')
+
+    def _save(self, name:str, with_opt:bool):
+        tmp = self.learn.save(self.dir()/f'{name}.tmp', with_opt=with_opt)
+        os.replace(tmp, self.dir()/f'{name}.pth')
+
+    def state(self) -> dict:
+        "What `restore` needs besides the weights: epochs done, best so far, thresholds, random states, smoothed loss, log."
+        log, sl = getattr(self.learn, 'run_log', None), self.recorder.smooth_loss
+        return dict(epochs_done=self.done, monitor=self.monitor, best=float(self.best), best_epoch=self.best_epoch,
+                    best_thresholds=self.best_thresholds, thresholds=dict(getattr(self.model, 'score_thresholds', None) or {}),
+                    random=get_random_states(), loaders=[dl.rng.getstate() if hasattr(dl, 'rng') else None for dl in self.dls.loaders],
+                    smooth_loss=(sl.count, float(sl.val)),
+                    run_log=None if log is None else dict(rows=log.rows, batch_losses=log.batch_losses))
+
+    def restore(self, learn) -> int:
+        "Load the last checkpoint into `learn` (weights, optimizer, best so far, log, random states): the `start_epoch` to resume at."
+        s = read_checkpoint(self.dir(learn))
+        if s['monitor'] != self.monitor: raise ValueError(f"{self.dir(learn)/'checkpoint.pt'} tracks {s['monitor']}, not {self.monitor}")
+        with warnings.catch_warnings(record=True) as caught:  # fastai only warns when the optimizer state does not fit
+            warnings.simplefilter('always')
+            learn.load(self.dir(learn)/'last', with_opt=True)
+        bad = [str(w.message) for w in caught if 'optimizer state' in str(w.message)]
+        if bad: raise ValueError(f"{self.dir(learn)/'last.pth'}: {bad[0]} (another optimizer than the run's?)")
+        learn.model.score_thresholds = dict(s['thresholds'])
+        self.done, self.best, self.best_epoch, self.best_thresholds = s['epochs_done'], s['best'], s['best_epoch'], s['best_thresholds']
+        self._pending = s
+        return self.done
+
+    def load_best(self, learn=None):
+        "Load `best.pth` and its epoch's thresholds into the learner (as `SaveModelCallback` does at the end of a fit)."
+        learn = learn or self.learn
+        learn.load(self.dir(learn)/'best', with_opt=False)
+        if self.best_thresholds: learn.model.score_thresholds = dict(self.best_thresholds)
+        return learn
+
+def read_checkpoint(folder) -> dict:
+    "The state `RunCheckpoint` wrote to `folder`/checkpoint.pt; a clear error when there is none."
+    f = Path(folder)/'checkpoint.pt'
+    if not f.is_file() or not (Path(folder)/'last.pth').is_file():
+        raise FileNotFoundError(f"{folder}: no checkpoint.pt and last.pth to resume from (RunCheckpoint writes them after each "
+                                "epoch; a run stopped during its first epoch has none: start it again)")
+    return torch.load(f, map_location='cpu', weights_only=False)  # our own file: random states are numpy objects
