@@ -18,8 +18,8 @@ from fastai.torch_core import to_detach, num_distrib
 from .learner import DetectionLearner, ProgressLines, RunLog
 
 # %% auto #0
-__all__ = ['require_accelerate', 'rank_and_world', 'init_distributed', 'broadcast_object', 'shard_sizes', 'ShardedDL',
-           'broadcast_buffers', 'has_batchnorm', 'AllReduceSum', 'synced_batch_norm', 'sync_batchnorm',
+__all__ = ['require_accelerate', 'rank_and_world', 'init_distributed', 'end_distributed', 'broadcast_object', 'shard_sizes',
+           'ShardedDL', 'broadcast_buffers', 'has_batchnorm', 'AllReduceSum', 'synced_batch_norm', 'sync_batchnorm',
            'DistributedDetection', 'free_port', 'launch_training']
 
 # %% ../nbs/09c_distributed.ipynb #5083bd40
@@ -46,6 +46,13 @@ def init_distributed(cpu:bool=None) -> tuple:
     return rank_and_world()
 
 # %% ../nbs/09c_distributed.ipynb #ce3430dc
+def end_distributed() -> int:
+    "Leave the process group once every process has come here; returns this process's rank (rank 0 goes on alone: export, plots)."
+    rank, world = rank_and_world()
+    if world > 1: dist.barrier(); dist.destroy_process_group()
+    return rank
+
+# %% ../nbs/09c_distributed.ipynb #09055da4
 def broadcast_object(obj, src:int=0):
     "`obj` as process `src` has it, in every process (any backend: gloo or NCCL)."
     if rank_and_world()[1] == 1: return obj
@@ -53,13 +60,13 @@ def broadcast_object(obj, src:int=0):
     dist.broadcast_object_list(box, src)
     return box[0]
 
-# %% ../nbs/09c_distributed.ipynb #09055da4
+# %% ../nbs/09c_distributed.ipynb #36605e5f
 def shard_sizes(n:int, world:int, pad:bool) -> list:
     "How many items each of `world` processes gets from `n`: equal with `pad` (repeats), else `n` shared out one by one."
     if pad: return [math.ceil(n / world)] * world
     return [len(range(r, n, world)) for r in range(world)]
 
-# %% ../nbs/09c_distributed.ipynb #36605e5f
+# %% ../nbs/09c_distributed.ipynb #03543140
 class ShardedDL(TfmdDL):
     "One process's share of a fastai `TfmdDL`: every `world`-th item of the epoch's order (drawn by rank 0), padded with repeats only with `pad`."
     def __init__(self, dataset=None, rank:int=0, world:int=1, pad:bool=True, **kwargs):
@@ -102,18 +109,18 @@ class ShardedDL(TfmdDL):
         "Gathered from every process while each has the same number of batches (`pad`); else this process's only (see `DistributedDetection`)."
         return to_detach(b, cpu, gather and self.pad)
 
-# %% ../nbs/09c_distributed.ipynb #03543140
+# %% ../nbs/09c_distributed.ipynb #ee48b719
 def broadcast_buffers(model:nn.Module, src:int=0):
     "Overwrite `model`'s buffers (batch-norm statistics) in place with process `src`'s."
     if rank_and_world()[1] == 1: return
     for b in model.buffers(): dist.broadcast(b.data, src)
 
-# %% ../nbs/09c_distributed.ipynb #ee48b719
+# %% ../nbs/09c_distributed.ipynb #1b715849
 def has_batchnorm(model:nn.Module) -> bool:
     "Whether `model` has batch-norm layers that learn statistics (torchvision's frozen batch-norm does not)."
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-# %% ../nbs/09c_distributed.ipynb #1b715849
+# %% ../nbs/09c_distributed.ipynb #a6c9f937
 class AllReduceSum(torch.autograd.Function):
     "The sum of a tensor over processes, differentiable: the gradient is summed likewise (every process's loss depends on every input)."
     @staticmethod
@@ -123,7 +130,7 @@ class AllReduceSum(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.clone(); dist.all_reduce(grad); return grad
 
-# %% ../nbs/09c_distributed.ipynb #a6c9f937
+# %% ../nbs/09c_distributed.ipynb #275d997e
 def synced_batch_norm(bn:nn.Module, x:torch.Tensor) -> torch.Tensor:
     "`bn`'s training-mode normalization of `x` with the mean and variance of every process's batch (`AllReduceSum`: gloo or NCCL)."
     C, dims, n = x.shape[1], [0, *range(2, x.dim())], x.numel() // x.shape[1]
@@ -142,7 +149,7 @@ def synced_batch_norm(bn:nn.Module, x:torch.Tensor) -> torch.Tensor:
     y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + bn.eps)
     return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.affine else y
 
-# %% ../nbs/09c_distributed.ipynb #275d997e
+# %% ../nbs/09c_distributed.ipynb #d79c0b05
 _SYNCED = {}  # batch-norm class -> its subclass normalizing over all processes
 
 def _synced_class(cls):
@@ -156,7 +163,7 @@ def _synced_class(cls):
         _SYNCED[cls] = type(f'Synced{cls.__name__}', (cls,), {'forward': forward, '__doc__': f"`{cls.__name__}` synchronized over processes"})
     return _SYNCED[cls]
 
-# %% ../nbs/09c_distributed.ipynb #d79c0b05
+# %% ../nbs/09c_distributed.ipynb #838728dd
 def sync_batchnorm(model:nn.Module, gpu:bool=None):
     "Make `model`'s batch-norm layers normalize over every process's batch, in place; returns a function that undoes it."
     if gpu is None: gpu = next(model.parameters()).is_cuda
@@ -178,15 +185,16 @@ def sync_batchnorm(model:nn.Module, gpu:bool=None):
         for parent, name, child, new in swapped: child.train(new.training); setattr(parent, name, child)
     return restore
 
-# %% ../nbs/09c_distributed.ipynb #838728dd
-_RANK0_ONLY = ('ProgressCallback', 'ProgressLines', 'CSVLogger', 'ShowGraphCallback')  # callbacks that print, draw or write files (and `RunLog`)
+# %% ../nbs/09c_distributed.ipynb #49b7e4e3
+# callbacks that print, draw or write files (and `RunLog`, and any callback with `rank0_only = True`)
+_RANK0_ONLY = ('ProgressCallback', 'ProgressLines', 'CSVLogger', 'ShowGraphCallback', 'RunCheckpoint')
 
 def _device_of_process():
     "This process's device: its GPU (LOCAL_RANK) under NCCL, else the CPU."
     if dist.get_backend() == 'nccl': return torch.device('cuda', int(os.environ.get('LOCAL_RANK', torch.cuda.current_device())))
     return torch.device('cpu')
 
-# %% ../nbs/09c_distributed.ipynb #49b7e4e3
+# %% ../nbs/09c_distributed.ipynb #4f8f2500
 class DistributedDetection(Callback):
     "Train with torch DDP over the process group: sharded loaders, validation counting each image once, rank-0-only output."
     order = 11  # after the train/eval switch and mixed precision, before the Recorder
@@ -215,9 +223,9 @@ class DistributedDetection(Callback):
         return ShardedDL.from_dl(dl, self.rank, self.world, pad=pad, device=self.device)
 
     def _mute_others(self):
-        "On ranks other than 0, for this fit: no logger, no bars, progress lines, CSV or run-log files (fastai turns `run` back on after it)."
+        "On ranks other than 0, for this fit: no logger, bars, progress lines, CSV, run-log or checkpoint files (fastai turns `run` back on after)."
         for cb in self.learn.cbs:
-            if type(cb).__name__ in _RANK0_ONLY or isinstance(cb, RunLog): cb.run = False
+            if type(cb).__name__ in _RANK0_ONLY or isinstance(cb, RunLog) or getattr(cb, 'rank0_only', False): cb.run = False
         old, self.learn.logger = self.learn.logger, (lambda *a, **k: None)
         return old
 
@@ -254,7 +262,7 @@ class DistributedDetection(Callback):
         self.learn.dls.loaders = self.old_loaders
         if self._muted is not None: self.learn.logger = self._muted
 
-# %% ../nbs/09c_distributed.ipynb #4f8f2500
+# %% ../nbs/09c_distributed.ipynb #868d573b
 @patch
 def to_distributed(self:DetectionLearner,
     sync_bn:bool=None, # Synchronized batch-norm; default: on GPUs when the model has batch-norm that learns
@@ -264,14 +272,14 @@ def to_distributed(self:DetectionLearner,
     self.add_cb(DistributedDetection(sync_bn, **ddp_kwargs))
     return self
 
-# %% ../nbs/09c_distributed.ipynb #868d573b
+# %% ../nbs/09c_distributed.ipynb #d5ca9dc6
 @patch
 def detach_distributed(self:DetectionLearner):
     "Remove `DistributedDetection`, undoing what it changed if a fit stopped with an error."
     for cb in [cb for cb in self.cbs if isinstance(cb, DistributedDetection)]: cb.undo(); self.remove_cb(cb)
     return self
 
-# %% ../nbs/09c_distributed.ipynb #d5ca9dc6
+# %% ../nbs/09c_distributed.ipynb #09b95246
 @patch
 @contextmanager
 def distrib_ctx(self:DetectionLearner,
@@ -287,7 +295,7 @@ def distrib_ctx(self:DetectionLearner,
     try: yield self
     finally: self.detach_distributed()
 
-# %% ../nbs/09c_distributed.ipynb #09b95246
+# %% ../nbs/09c_distributed.ipynb #9d036b39
 def free_port() -> int:
     "A TCP port free on this machine now (for the processes' rendezvous)."
     with socket.socket() as s:
@@ -302,7 +310,8 @@ def _run_rank(rank, fn, args, kwargs, nproc, device, threads, folder):
     try:
         res = fn(*args, **kwargs)
         (Path(folder)/f'{rank}.pkl').write_bytes(pickle.dumps(res))
-    finally: dist.destroy_process_group()
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
 
 def launch_training(
     fn, # Called in each process as fn(*args, **kwargs), inside a gloo or NCCL process group; it returns something picklable
