@@ -199,7 +199,7 @@ class DistributedDetection(Callback):
     "Train with torch DDP over the process group: sharded loaders, validation counting each image once, rank-0-only output."
     order = 11  # after the train/eval switch and mixed precision, before the Recorder
     def __init__(self,
-        sync_bn:bool=None, # Synchronized batch-norm during training; default: on GPUs when the model has batch-norm that learns
+        sync_bn:bool=None, # Synchronized batch-norm during training; default: when the model has batch-norm that learns
         **ddp_kwargs, # Passed to torch's `DistributedDataParallel` (find_unused_parameters, ...)
     ): self.sync_bn, self.ddp_kwargs = sync_bn, ddp_kwargs
 
@@ -265,7 +265,7 @@ class DistributedDetection(Callback):
 # %% ../nbs/09c_distributed.ipynb #868d573b
 @patch
 def to_distributed(self:DetectionLearner,
-    sync_bn:bool=None, # Synchronized batch-norm; default: on GPUs when the model has batch-norm that learns
+    sync_bn:bool=None, # Synchronized batch-norm; default: when the model has batch-norm that learns
     **ddp_kwargs, # Passed to torch's `DistributedDataParallel`
 ):
     "Add `DistributedDetection` (fastai's `to_distributed`, for detectors: gloo or NCCL, no padding in validation)."
@@ -283,7 +283,7 @@ def detach_distributed(self:DetectionLearner):
 @patch
 @contextmanager
 def distrib_ctx(self:DetectionLearner,
-    sync_bn:bool=None, # Synchronized batch-norm; default: on GPUs when the model has batch-norm that learns
+    sync_bn:bool=None, # Synchronized batch-norm; default: when the model has batch-norm that learns
     cpu:bool=None, # Join the group as CPU processes (gloo); default: when there is no GPU
     **ddp_kwargs, # Passed to torch's `DistributedDataParallel`
 ):
