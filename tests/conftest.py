@@ -96,7 +96,7 @@ def make_image(tmp_path):
 # notebooks, last in the collection, kept one worker busy minutes after the other had finished)
 LONGEST_FIRST = ('test_notebook[20_', 'test_notebook[24_', 'test_notebook[21_', 'test_mask_rcnn_fine_tunes_boxes_and_masks',
                  'test_faster_rcnn_trains_loss_falls', 'test_single_stage_detectors_train', 'test_efficientdet_fine_tunes',
-                 'test_mask_rcnn_on_coco_masks', 'test_notebook[09_', 'test_notebook[03_')
+                 'test_mask_rcnn_on_coco_masks', 'test_two_processes_', 'test_resumed_run_', 'test_notebook[09_', 'test_notebook[03_')
 
 
 def pytest_collection_modifyitems(config, items):
