@@ -26,20 +26,31 @@ __all__ = ['TOLERANCES', 'ExportGraph', 'export_header', 'write_onnx', 'write_to
 # %% ../nbs/09b_export.ipynb #423e3cc7
 class ExportGraph(nn.Module):
     "What an exported file holds: a detector as letterboxed images in, padded detections out (`boxes`, `scores`, `labels`, `masks`)."
-    def __init__(self, model:nn.Module):
+    def __init__(self,
+        model:nn.Module, # A detector (`models.core.Detector`)
+        paste_masks:bool=False, # Paste masks in the graph even when the detector can give RoI masks (version-1 files)
+    ):
         super().__init__()
         self.model = model
         self.batched = callable(getattr(model, 'padded_detections', None))
         self.masks = bool(getattr(model, 'predicts_masks', False))
+        self.roi_masks = self.masks and not paste_masks and callable(getattr(model, 'roi_mask_detections', None))
+
+    @property
+    def mask_format(self) -> str:
+        "What the `masks` output holds (`runtime.MASK_FORMATS`): 'roi' (D, M, M) over each box, 'image' (D, H, W); None without masks."
+        return ('roi' if self.roi_masks else 'image') if self.masks else None
 
     @property
     def outputs(self) -> list: return ['boxes', 'scores', 'labels'] + (['masks'] if self.masks else [])
 
     def forward(self, images):
         if self.batched: return tuple(self.model.padded_detections(images))
-        d = self.model(images)[0]  # one image
+        d = (self.model.roi_mask_detections(images) if self.roi_masks else self.model(images))[0]  # one image
         out = (d['boxes'][None], d['scores'][None], d['labels'][None])
-        return out + ((d['masks'][:, 0][None],) if self.masks else ())
+        if not self.masks: return out
+        m = d['masks']
+        return out + ((m[:, 0] if m.dim() == 4 else m)[None],)
 
 # %% ../nbs/09b_export.ipynb #bf7f3b9b
 def export_header(model:nn.Module, class_map, graph:ExportGraph, fmt:str) -> dict:
@@ -51,6 +62,9 @@ def export_header(model:nn.Module, class_map, graph:ExportGraph, fmt:str) -> dic
                 arch=cfg.get('arch', type(model).__name__), backbone=cfg.get('backbone'),
                 classes=list(class_map.classes), source_ids=list(class_map.source_ids), image_size=[int(s) for s in size],
                 masks=graph.masks, batch=None if graph.batched else 1,
+                **(dict(mask_format=graph.mask_format) if graph.masks else {}),
+                **(dict(mask_paste='each RoI mask with a 1-pixel zero border, its box grown alike and truncated to whole pixels, bilinear to '
+                        'the box on the letterboxed image (torchvision), then that image part bilinear to the original, > 0.5') if graph.roi_masks else {}),
                 input=dict(name='images', shape=['batch' if graph.batched else 1, 3, int(size[0]), int(size[1])], dtype='float32',
                            channels='RGB', range=[0, 1], letterbox='fit keeping the aspect, bilinear, top-left, black padding',
                            normalization='inside the graph'),

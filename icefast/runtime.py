@@ -13,13 +13,14 @@ from .core import ClassMap, Record, open_image, image_record, letterbox_scale, l
 from .metrics import keep_above, SCORE_THRESHOLD
 
 # %% auto #0
-__all__ = ['EXPORT_FORMATS', 'METADATA_KEY', 'FORMAT_VERSION', 'export_format', 'prepare_image', 'to_original_pixels',
-           'read_header', 'ExportedDetector', 'load_exported']
+__all__ = ['EXPORT_FORMATS', 'METADATA_KEY', 'FORMAT_VERSION', 'MASK_FORMATS', 'export_format', 'prepare_image',
+           'paste_roi_masks', 'to_original_pixels', 'read_header', 'ExportedDetector', 'load_exported']
 
 # %% ../nbs/09a_runtime.ipynb #2df46d06
 EXPORT_FORMATS = {'onnx': '.onnx', 'torchscript': '.torchscript'}  # format -> file suffix (Ultralytics' spelling for TorchScript)
 METADATA_KEY = 'icefast'  # the ONNX metadata key, and the TorchScript extra file `icefast.json`, that hold the header
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `mask_format` ('roi': masks pasted by the runtime; 1 and missing: 'image', pasted in the graph)
+MASK_FORMATS = ('image', 'roi')  # what a file's `masks` output holds: (D, H, W) on the letterboxed image, or (D, M, M) over each box
 
 def export_format(path) -> str:
     "The export format of a file, from its suffix (`EXPORT_FORMATS`)."
@@ -47,18 +48,67 @@ def prepare_image(item, size) -> tuple:
     boxed = letterbox_image(img, size, letterbox_content(w, h, size))
     return np.asarray(boxed, np.float32).transpose(2, 0, 1) / np.float32(255), letterbox_scale(w, h, size), (w, h)
 
-# %% ../nbs/09a_runtime.ipynb #d3d36370
-def to_original_pixels(
-    det:dict, # `boxes` (D, 4) xyxy on the letterboxed image, `scores`, `labels` (and `masks` (D, H, W) in 0-1)
+# %% ../nbs/09a_runtime.ipynb #7c1e5a20
+def _taps(n_in:int, n_out:int) -> tuple:
+    "Where each of `n_out` samples reads when `n_in` are resized as torch's bilinear `interpolate` (align_corners=False): lower, upper index, upper weight."
+    src = np.maximum(np.float32(n_in) / np.float32(n_out) * (np.arange(n_out, dtype=np.float32) + np.float32(.5)) - np.float32(.5), np.float32(0))
+    lo = src.astype(np.int64)
+    return lo, np.minimum(lo + 1, n_in - 1), src - lo.astype(np.float32)
+
+def _lerp(a:np.ndarray, lo, hi, w, axis:int) -> np.ndarray:
+    "`a` resampled along `axis` at the taps (`lo`, `hi`, `w`)."
+    w = w[:, None] if axis == 0 else w[None]
+    return np.take(a, lo, axis) * (np.float32(1) - w) + np.take(a, hi, axis) * w
+
+def _window(taps:tuple, start:int, stop:int) -> tuple:
+    "The output samples [a, b) whose taps reach inputs [start, stop), with those taps shifted into a copy of the inputs given a zero border."
+    lo, hi, w = taps
+    a, b = int(np.searchsorted(hi, start)), int(np.searchsorted(lo, stop))
+    return a, b, lo[a:b] - start + 1, hi[a:b] - start + 1, w[a:b]
+
+def paste_roi_masks(
+    masks:np.ndarray, # (D, M, M) probabilities, each over its box (a graph's `masks` in the 'roi' format)
+    boxes:np.ndarray, # (D, 4) xyxy on the letterboxed image, as the graph gives them
     scale:float, # The letterbox scale (`prepare_image`)
     size:tuple, # (width, height) of the original image
+    padding:int=1, # The zero border given to each RoI mask, its box grown alike (torchvision's `paste_masks_in_image`)
+) -> np.ndarray:
+    "0/1 masks (D, height, width) of the original image from RoI masks: pasted on the letterboxed image as torchvision does, then resized as `learn.predict` does."
+    w, h = size
+    out = np.zeros((len(masks), h, w), np.uint8)
+    if not len(masks): return out
+    cw, ch = max(1, round(w*scale)), max(1, round(h*scale))  # the image's part of the letterboxed canvas
+    m = masks.shape[-1]
+    b = boxes.astype(np.float32)
+    half, mid = (b[:, 2:] - b[:, :2]) * np.float32(.5) * np.float32((m + 2*padding) / m), (b[:, 2:] + b[:, :2]) * np.float32(.5)
+    grown = np.concatenate([mid - half, mid + half], 1).astype(np.int64)  # truncated toward zero, as torch's `.to(int64)`
+    padded = np.pad(masks.astype(np.float32), ((0, 0), (padding, padding), (padding, padding)))
+    rows, cols = _taps(ch, h), _taps(cw, w)
+    for k, (x0, y0, x1, y1) in enumerate(grown.tolist()):
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, cw), min(y1 + 1, ch)
+        if cx1 <= cx0 or cy1 <= cy0: continue  # the box lies on the letterbox padding
+        bh, bw = max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)
+        boxed = _lerp(_lerp(padded[k], *_taps(m + 2*padding, bh), 0), *_taps(m + 2*padding, bw), 1)
+        region = np.pad(boxed[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0], 1)  # the pasted mask where it lies on the canvas, zeros around
+        ya, yb, *ry = _window(rows, cy0, cy1)
+        xa, xb, *rx = _window(cols, cx0, cx1)
+        out[k, ya:yb, xa:xb] = _lerp(_lerp(region, *ry, 0), *rx, 1) > 0.5
+    return out
+
+# %% ../nbs/09a_runtime.ipynb #d3d36370
+def to_original_pixels(
+    det:dict, # `boxes` (D, 4) xyxy on the letterboxed image, `scores`, `labels` (and `masks` in 0-1, as `mask_format` says)
+    scale:float, # The letterbox scale (`prepare_image`)
+    size:tuple, # (width, height) of the original image
+    mask_format:str='image', # What `masks` hold: 'image' (D, H, W) on the letterboxed image, or 'roi' (D, M, M) over each box
 ) -> dict:
     "Detections on a letterboxed image as xyxy pixels (and 0/1 masks) of the original image."
     w, h = size
     boxes = det['boxes'].astype(np.float32) / np.float32(scale)
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, w); boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
     out = {'boxes': boxes, 'scores': det['scores'].astype(np.float32), 'labels': det['labels'].astype(np.int64)}
-    if 'masks' in det:
+    if 'masks' in det and mask_format == 'roi': out['masks'] = paste_roi_masks(det['masks'], det['boxes'], scale, size)
+    elif 'masks' in det:
         cw, ch = max(1, round(w*scale)), max(1, round(h*scale))
         out['masks'] = np.stack([np.asarray(Image.fromarray(m[:ch, :cw].astype(np.float32), 'F').resize((w, h), Image.BILINEAR)) > 0.5
                                  for m in det['masks']]).astype(np.uint8) if len(det['masks']) else np.zeros((0, h, w), np.uint8)
@@ -103,6 +153,9 @@ class ExportedDetector:
         self.class_map = ClassMap(h['classes'], source_ids=h.get('source_ids'))
         self.size, self.masks, self.batch = tuple(h['image_size']), bool(h['masks']), h.get('batch')
         self.thresholds = dict(h.get('score_thresholds') or {})
+        self.mask_format = h.get('mask_format', 'image') if self.masks else None  # version 1 files pasted in the graph
+        if self.masks and self.mask_format not in MASK_FORMATS:
+            raise ValueError(f"{self.path}: masks in an unknown format {self.mask_format!r} (known: {', '.join(MASK_FORMATS)}); upgrade icefast")
 
     def _load_onnx(self, providers, threads):
         try: import onnxruntime as ort
@@ -131,7 +184,7 @@ class ExportedDetector:
     def __repr__(self): return f"ExportedDetector({self.path.name}: {self.header.get('arch')}, {len(self.class_map)-1} classes, {self.size}, {self.format})"
 
     def run(self, images:np.ndarray) -> list:
-        "The graph on a batch of letterboxed images (N, 3, H, W) in 0-1: per image a dict of `boxes`, `scores`, `labels` (and `masks`), padding dropped."
+        "The graph on a batch of letterboxed images (N, 3, H, W) in 0-1: per image a dict of `boxes`, `scores`, `labels` (and `masks` in `mask_format`), padding dropped."
         names = self.header['outputs']
         if self.format == 'onnx': outs = self.session.run(names, {self.header['input']['name']: np.ascontiguousarray(images, np.float32)})
         else:
@@ -161,7 +214,7 @@ class ExportedDetector:
         for i in range(0, len(items), step):
             loaded = [prepare_image(o, self.size) for o in items[i:i+step]]
             for (x, s, wh), d in zip(loaded, self.run(np.stack([l[0] for l in loaded]))):
-                res.append(keep_above(to_original_pixels(d, s, wh), t, self.class_map))
+                res.append(keep_above(to_original_pixels(d, s, wh, self.mask_format), t, self.class_map))
         return res
 
     def predict(self,

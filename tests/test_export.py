@@ -74,6 +74,75 @@ def test_export_onnx_and_torchscript_predict_as_the_model(arch, request, tmp_pat
         assert (len(preds[0]['scores']) == 0) == (n_black == 0), (len(preds[0]['scores']), n_black)
         assert_same_detections(preds[1:], learn, records[:3])  # after an empty result too
 
+def mask_ious(runtime:dict, ref:dict) -> list:
+    "Mask IoU of each `ref` detection (learn.predict's) with the runtime's detection of its class that overlaps its box most (IoU 0.9 or more)."
+    from icefast.export import _iou
+    rb, rl, rm = (np.asarray(ref[k]) for k in ('boxes', 'labels', 'masks'))
+    gb, gl, gm = (np.asarray(runtime[k]) for k in ('boxes', 'labels', 'masks'))
+    out, used = [], set()
+    for i in range(len(rb)):
+        cand = [j for j in range(len(gb)) if gl[j] == rl[i] and j not in used]
+        if not cand: continue
+        ious = _iou(rb[i:i+1].astype(np.float64), gb[cand].astype(np.float64))[0]
+        if ious.max() < 0.9: continue
+        j = cand[int(np.argmax(ious))]; used.add(j)
+        union = np.logical_or(rm[i], gm[j]).sum()
+        out.append(np.logical_and(rm[i], gm[j]).sum() / union if union else 1.0)
+    return out
+
+def test_mask_rcnn_exports_roi_masks_that_the_runtime_pastes_as_learn_predict(trained_mask, tmp_path):
+    "Mask R-CNN's graph ends at the 28 x 28 RoI masks (no Loop pasting them); the runtime's paste gives learn.predict's masks. A version-1 file (masks pasted in the graph) still runs."
+    import onnx
+    from icefast.export import export_header, write_onnx, set_header
+    learn = trained_mask[0]
+    records = list(learn.dls.valid.items)[:4]
+    ious = {}
+    for fmt in ('onnx', 'torchscript'):
+        path = tmp_path/f'm.{fmt}'
+        export_model(learn, path, fmt, records=records, n_images=0)
+        h = read_header(path)
+        assert (h['format_version'], h['mask_format']) == (2, 'roi') and 'torchvision' in h['mask_paste'], h
+        det = ExportedDetector(path)
+        x = prepare_image(records[0], det.size)[0][None]
+        raw = det.run(x)[0]['masks']
+        assert raw.ndim == 3 and raw.shape[1:] == (28, 28) and len(raw) > 0, raw.shape
+        if fmt == 'onnx':
+            graph = onnx.load(str(path)).graph
+            assert 'Loop' not in {n.op_type for n in graph.node}
+            assert graph.output[3].name == 'masks' and len(graph.output[3].type.tensor_type.shape.dim) == 4  # (1, D, 28, 28): D and M traced as dynamic
+            assert det.session.run(['masks'], {'images': x})[0].shape == (1, len(raw), 28, 28)
+        ious[fmt] = [v for r in records for v in mask_ious(det.predict(r, threshold=0), learn.predict(r, threshold=0))]
+        assert len(ious[fmt]) >= 10 and np.mean(ious[fmt]) > 0.95 and np.median(ious[fmt]) == 1.0, (fmt, len(ious[fmt]), np.mean(ious[fmt]))
+    # a version-1 file: masks pasted in the graph, a header without mask_format
+    model = learn.model.eval()
+    graph = ExportGraph(model, paste_masks=True).eval()
+    old = tmp_path/'old.onnx'
+    header = export_header(model, learn.dls.class_map, graph, 'onnx')
+    write_onnx(graph, torch.from_numpy(prepare_image(records[0], header['image_size'])[0])[None], old, header)
+    set_header(old, {**{k: v for k, v in header.items() if k != 'mask_format'}, 'format_version': 1})
+    det = ExportedDetector(old)
+    assert det.mask_format == 'image' and det.run(prepare_image(records[0], det.size)[0][None])[0]['masks'].shape[1:] == (96, 96)
+    old_ious = [v for r in records for v in mask_ious(det.predict(r, threshold=0), learn.predict(r, threshold=0))]
+    assert np.mean(old_ious) > 0.9, np.mean(old_ious)
+    set_header(old, {**header, 'format_version': 3})
+    with pytest.raises(ValueError, match='newer icefast'): ExportedDetector(old)
+
+def test_runtime_paste_equals_torchvisions_paste_and_learners_resize():
+    "`paste_roi_masks` gives, pixel for pixel, torchvision's paste on the letterboxed image then `learner.to_original`'s resize."
+    import torch.nn.functional as F
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+    from icefast.runtime import paste_roi_masks
+    rng = np.random.default_rng(1)
+    masks = rng.random((40, 28, 28), dtype=np.float32)
+    xy = rng.uniform(-5, 90, (40, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(0.3, 50, (40, 2)).astype(np.float32)], 1).clip(0, 96)
+    for scale, (w, h) in [(96/300, (300, 200)), (0.5, (192, 60)), (1.5, (64, 40)), (1.0, (96, 96))]:
+        cw, ch = max(1, round(w*scale)), max(1, round(h*scale))
+        pasted = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), (96, 96))[:, 0, :ch, :cw]
+        ref = (F.interpolate(pasted[None], size=(h, w), mode='bilinear', align_corners=False)[0] > 0.5).numpy()
+        got = paste_roi_masks(masks, boxes, scale, (w, h))
+        assert got.shape == ref.shape and got.dtype == np.uint8 and (got != ref).mean() < 1e-5, (w, h, (got != ref).sum())
+
 def test_efficientdet_export_takes_any_batch_size(request, tmp_path_factory, tmp_path):
     "EfficientDet's graph has a dynamic batch: three images at once give what each gives alone."
     learn = trained_arch(tmp_path_factory, request.getfixturevalue('shapes'), 'efficientdet')

@@ -106,6 +106,18 @@ class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
 class MaskRCNNModel(_RCNNMixin, tvd.MaskRCNN):
     "torchvision's `MaskRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
     predicts_masks = True
+    def roi_mask_detections(self, images) -> list:
+        "Eval-mode detections whose `masks` (D, 1, 28, 28) are the mask head's probabilities over each box, not yet pasted into the image (what an export holds)."
+        from collections import OrderedDict
+        import torch
+        from torchvision.models.detection.transform import resize_boxes
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        il, _ = self.transform(list(images))
+        feats = self.backbone(il.tensors)
+        if isinstance(feats, torch.Tensor): feats = OrderedDict([('0', feats)])
+        dets, _ = self.roi_heads(feats, self.rpn(il, feats)[0], il.image_sizes)
+        for d, s, o in zip(dets, il.image_sizes, sizes): d['boxes'] = resize_boxes(d['boxes'], s, o)  # `transform.postprocess` without the paste
+        return dets
 
 _CLASSES = {'faster_rcnn': FasterRCNNModel, 'mask_rcnn': MaskRCNNModel}
 
