@@ -71,7 +71,7 @@ def _callbacks():
     from fastai.callback.core import Callback, CancelValidException
 
     class SkipValid(Callback):
-        order = -100
+        order = -5  # after the DetectionAdapter has opened its (empty) validation
         def before_validate(self): raise CancelValidException()
 
     class StepClock(Callback):
