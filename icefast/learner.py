@@ -290,6 +290,10 @@ def _as_record(item):
     from icefast.core import Record
     return item if isinstance(item, Record) else Record(Path('<image in memory>'), None, *item.size)
 
+def _skip(start_epoch:int) -> dict:
+    "fastai's `start_epoch` argument when epochs are to be skipped (none otherwise, so that fit calls stay fastai's own)."
+    return {'start_epoch': start_epoch} if start_epoch > 0 else {}
+
 class DetectionLearner(Learner):
     "A fastai `Learner` whose `get_preds`, `predict` and `show_results` speak detections in the original images' pixels."
     def __setstate__(self, state):
@@ -317,11 +321,11 @@ class DetectionLearner(Learner):
         if fz:
             if start_epoch < fz:
                 self._freeze_to(-1, keep_state=start_epoch > 0)
-                self.fit_one_cycle(fz, slice(base_lr), pct_start=0.99, start_epoch=start_epoch, **kwargs)
+                self.fit_one_cycle(fz, slice(base_lr), pct_start=0.99, **_skip(start_epoch), **kwargs)
             base_lr /= 2
         self._freeze_to(0, keep_state=start_epoch > fz)  # fastai clears the optimizer's state here, as it did in the first run
         self.fit_one_cycle(epochs, slice(base_lr/a['lr_mult'], base_lr), pct_start=a['pct_start'], div=a['div'],
-                           start_epoch=max(0, start_epoch - fz), **kwargs)
+                           **_skip(start_epoch - fz), **kwargs)
 
     def _freeze_to(self, n:int, keep_state:bool=False):
         "fastai's `freeze_to`, which clears the optimizer's state, or with `keep_state` the state a resumed run loaded."
