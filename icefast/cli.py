@@ -187,7 +187,7 @@ def _lr(value):
     if not 0 < lr < 10: raise CLIError(f"--lr {value}: outside (0, 10)")
     return lr
 
-_RESUME_OVERRIDES = ('device', 'workers', 'progress_every')  # what --resume takes from the command line; the rest from run.json
+_RESUME_OVERRIDES = ('device', 'workers', 'progress_every', 'nproc')  # what --resume takes from the command line; the rest from run.json
 
 def _read_json(f:Path, what:str) -> dict:
     with _as_cli_error(what, (ValueError,)): return json.loads(f.read_text())
@@ -243,9 +243,23 @@ def _write_json(f:Path, d:dict):
     tmp = f.with_name(f.name + '.tmp')
     tmp.write_text(json.dumps(d, indent=1)); os.replace(tmp, f)
 
+def _train_rank(kw:dict) -> dict:
+    "One of the `--nproc` processes of `icefast train`: rank 0 logs and writes the run's files."
+    from icefast.distributed import rank_and_world
+    return train(argparse.Namespace(**{**kw, 'nproc': 1}), log=print if rank_and_world()[0] == 0 else (lambda *a, **k: None))
+
 def train(args, log=print) -> dict:
     "Run `icefast train` with parsed `args`, or continue the run of `args.resume`; returns the run summary (also `out/run.json`)."
     t0 = time.time()
+    from icefast.distributed import init_distributed, end_distributed, launch_training, broadcast_object
+    nproc = getattr(args, 'nproc', 1)
+    if nproc < 1: raise CLIError(f"--nproc {nproc}: at least 1")
+    if nproc > 1:  # this process starts the others and trains as rank 0 among them
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1: raise CLIError("--nproc under a launcher that started the processes already: leave it out")
+        with _as_cli_error('--nproc', (ValueError,)):
+            return launch_training(_train_rank, nproc, args=(vars(args),), device=_device(args.device).type)[0]
+    rank = init_distributed(_device(args.device).type == 'cpu')[0]  # under `accelerate launch` / torchrun; (0, 1) otherwise
+    if rank: log = lambda *a, **k: None
     resume = getattr(args, 'resume', None)
     if resume: args = _resume_args(args, log)
     else: _check_train_args(args)
@@ -297,7 +311,7 @@ def train(args, log=print) -> dict:
         if lr == 'auto':  # before the run's callbacks, which would take lr_find's steps for epochs
             with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
                 sug = learn.lr_find(num_it=getattr(args, 'lr_find_steps', 100), show_plot=False)
-            lr = float(sug.valley)
+            lr = broadcast_object(float(sug.valley))  # every process trains at rank 0's suggestion
             plot_lr_find(learn, out/'lr_find.png')
             log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
         base = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
@@ -306,6 +320,7 @@ def train(args, log=print) -> dict:
                     epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
                     n_valid=n_valid, args=_saved_args(args, lr))
         def progress(state:str):  # run.json while training: what the folder holds, for predict / eval / export and --resume
+            if rank: return
             rows = run_log.rows
             best = rows[ckpt.best_epoch] if ckpt.best_epoch is not None and ckpt.best_epoch < len(rows) else None
             _write_json(out/'run.json', dict(base, state=state, epochs_done=ckpt.done, best_epoch=ckpt.best_epoch, best=best,
@@ -314,9 +329,9 @@ def train(args, log=print) -> dict:
         start = 0
         with _as_cli_error(f"--resume {out}" if resume else f"--out {out}", (ValueError,)):
             if resume: start = ckpt.restore(learn)
-            else: (out/'models').mkdir(exist_ok=True); learn.export('models/learner.pkl')  # the learner as built, for --resume
+            elif not rank: (out/'models').mkdir(exist_ok=True); learn.export('models/learner.pkl')  # the learner as built, for --resume
         class _Progress(Callback):
-            order = ckpt.order + 1
+            order, rank0_only = ckpt.order + 1, True
             def after_epoch(self): progress('running')
         cbs = [run_log, ckpt, _Progress()]
         learn.add_cbs(cbs)
@@ -325,7 +340,7 @@ def train(args, log=print) -> dict:
                 + (f" (best mAP {ckpt.best:.3f} at epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None else ''))
         else: progress('running')
         try:
-            with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)):
+            with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)), learn.distrib_ctx():
                 learn.fine_tune(args.epochs, start_epoch=start, **({} if lr is None else {'base_lr': lr}))
         except NonFiniteLoss as e:
             progress('failed')
@@ -342,6 +357,7 @@ def train(args, log=print) -> dict:
             raise
         except OSError as e: raise CLIError(str(e)) from e
     learn.remove_cbs(cbs)
+    if end_distributed(): return {}  # the other processes stop here; rank 0 alone loads the best epoch, exports, plots, writes run.json
     if ckpt.best_epoch is not None: ckpt.load_best(learn)  # the exported model is the best epoch's
     learn.export('model.pkl')
     (out/'models'/'learner.pkl').unlink(missing_ok=True)  # model.pkl replaces it
@@ -672,6 +688,9 @@ def build_argparser() -> argparse.ArgumentParser:
                    help="continue the interrupted run in RUN_DIR from its last epoch, with its own options (run.json; "
                         "--device, --workers and --progress-every may change), the same epochs and learning-rate schedule")
     t.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
+    t.add_argument('--nproc', type=int, default=1,
+                   help='processes training data-parallel on this machine (one per GPU with cuda, else CPU processes sharing the cores); '
+                        '--bs is per process. Several machines: accelerate launch -m icefast.cli train ... (docs: nbs/09c_distributed)')
     t.add_argument('--workers', type=int, default=None, metavar='N', help="DataLoader worker processes (default: 0 on the CPU, where the training step uses every core; fastai's on a GPU)")
     t.add_argument('--seed', type=int, default=42, help='random seed of the split and the training (default: 42)')
     t.add_argument('--threshold', type=float, default=None,

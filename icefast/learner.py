@@ -769,9 +769,9 @@ class RunCheckpoint(TrackerCallback):
         self.folder, self.done, self.best_epoch, self.best_thresholds, self._pending = folder, 0, None, {}, None
 
     def dir(self, learn=None) -> Path:
-        "The checkpoint folder."
+        "The checkpoint folder, absolute (`learn.save` would put a relative one under `learn.path/model_dir` again)."
         learn = learn or self.learn
-        return Path(self.folder) if self.folder is not None else Path(learn.path)/learn.model_dir
+        return (Path(self.folder) if self.folder is not None else Path(learn.path)/learn.model_dir).absolute()
 
     def before_fit(self):
         super().before_fit()
