@@ -126,10 +126,12 @@ class DetectionAdapter(Callback):
             for t in targets: t.pop('masks', None)
         self.learn.xb, self.learn.yb = (images, targets), (BatchTargets(targets),)
 
-    def before_validate(self): self._results, self._epoch_metrics, self._items = [], None, self.learn.dl.items
+    def before_validate(self): self._results, self._epoch_metrics, self._items, self._open = [], None, self.learn.dl.items, True
 
     def after_validate(self):
         "Gather every process's results (distributed: all take part here), then with COCO metrics evaluate and choose the score thresholds (`tune_thresholds`)."
+        if not getattr(self, '_open', False): return  # a callback cancelled the validation before it began
+        self._open = False
         self._results = _gather_results(self._results)
         if any(isinstance(m, COCOMetric) for m in self.learn.metrics): self.tune_thresholds(**self.threshold_rule)
 

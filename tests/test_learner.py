@@ -267,6 +267,16 @@ def _small_dls(shapes, n=12, n_valid=4, **kw):
     records, cm = shapes
     return dataloaders(records[:n], cm, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:n_valid]]), **kw)
 
+def test_a_validation_cancelled_before_it_begins(shapes):
+    "A callback may skip validation (fastai's CancelValidException in before_validate): the adapter then has nothing to gather."
+    from fastai.callback.core import Callback, CancelValidException
+    class SkipValid(Callback):
+        order = -20  # before the adapter opens the validation
+        def before_validate(self): raise CancelValidException()
+    learn = detection_learner(_small_dls(shapes, n=8), efficientdet.model(backbone='mobilenetv3_small_100', num_classes=4, img_size=128))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=SkipValid())
+    assert len(learn.recorder.losses) == 1  # one training batch (4 images past the validation's 4), no validation
+
 def test_fine_tune_defaults_follow_the_weights(shapes):
     "The defaults (measured in bench/fine_tune_real.py): every layer at one rate from the start, pretrained or not."
     from icefast.learner import fine_tune_defaults
