@@ -42,7 +42,7 @@ def split_params(params:list, n:int=2) -> list:
         acc += p.numel()
     return [g for g in groups if g]
 
-# %% ../../nbs/03a_models.core.ipynb #9e68058e
+# %% ../../nbs/03a_models.core.ipynb #74b590b4
 @dataclass
 class ModelSpec:
     "One registered architecture: its builder and what `create_model`, `load_model` and the CLI need to know about it."
@@ -66,6 +66,7 @@ class ModelSpec:
         "Whether state-dict `keys` are a whole detector's (heads included), not a backbone's."
         return any(m in k for k in keys for m in self.detector_keys)
 
+# %% ../../nbs/03a_models.core.ipynb #c162e9d3
 _MODELS = {}
 
 def register_model(
@@ -107,7 +108,7 @@ def create_model(
     return model_spec(arch).build(backbone, num_classes=num_classes, img_size=img_size, pretrained=pretrained,
                                   pretrained_backbone=pretrained_backbone, **kwargs)
 
-# %% ../../nbs/03a_models.core.ipynb #263bcd3a
+# %% ../../nbs/03a_models.core.ipynb #b488ca21
 def save_model(model:nn.Module, path) -> None:
     "Save `model`'s state dict with the config that rebuilds it and its score thresholds (`icefast` key), to load with or without icefast."
     import torch
@@ -116,6 +117,7 @@ def save_model(model:nn.Module, path) -> None:
     cfg['score_thresholds'] = {str(k): float(v) for k, v in (getattr(model, 'score_thresholds', None) or {}).items()}
     torch.save({'state_dict': model.state_dict(), 'icefast': cfg}, path)
 
+# %% ../../nbs/03a_models.core.ipynb #18f32800
 def _config_of(cfg:dict, state:dict) -> dict:
     "`create_model` keywords from a saved config, files of earlier icefast versions included."
     cfg = {k: v for k, v in cfg.items() if k not in ('frozen', 'score_thresholds')}
@@ -126,6 +128,7 @@ def _config_of(cfg:dict, state:dict) -> dict:
         cfg['frozen_bn'] = not any(k.startswith('backbone.') and k.endswith('num_batches_tracked') for k in state)  # none: frozen
     return cfg
 
+# %% ../../nbs/03a_models.core.ipynb #a584822f
 def load_model(path) -> nn.Module:
     "Rebuild a model saved by `save_model` as it was (batch-norm, frozen parameters, image size) and load its weights."
     import torch
