@@ -10,11 +10,12 @@ from .core import FastaiEntry, register_model, save_model
 # %% auto #0
 __all__ = ['param_groups', 'fastai', 'list_models', 'model']
 
-# %% ../../nbs/06_models.mask_rcnn.ipynb #4184a0f2
+# %% ../../nbs/06_models.mask_rcnn.ipynb #2f17cbe1
 def list_models() -> list:
     "The backbone names Mask R-CNN takes."
     return rcnn_names('mask_rcnn')
 
+# %% ../../nbs/06_models.mask_rcnn.ipynb #7e1fc2ec
 @register_model('mask_rcnn', backbones=list_models, default_backbone='resnet_fpn.resnet50', detector_keys=('rpn.', 'roi_heads.'),
                 coco_backbones=[n for a, n in _TORCHVISION_DETECTORS if a == 'mask_rcnn'], masks=True)
 def model(

@@ -31,7 +31,7 @@ def rcnn_names(arch:str) -> list:
     "Backbone names `build_rcnn(arch, backbone=name)` accepts."
     return list_backbones() + [n for a, n in _TORCHVISION_DETECTORS if a == arch and n not in list_backbones()]
 
-# %% ../../nbs/04_models.rcnn.ipynb #ffde8351
+# %% ../../nbs/04_models.rcnn.ipynb #e6a0dffd
 def _n_maps(backbone):
     "Number of feature maps a torchvision-style backbone returns."
     fpn = getattr(backbone, 'fpn', None)
@@ -50,6 +50,7 @@ def _anchors_and_pooler(backbone, arch):
     if arch == 'mask_rcnn': kw['mask_roi_pool'] = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
     return kw
 
+# %% ../../nbs/04_models.rcnn.ipynb #c1a25178
 def set_image_size(model:nn.Module, size) -> nn.Module:
     "Make a torchvision detector's internal resize a no-op for images of `size` (int or (h, w)), the DataLoaders' size."
     s = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
@@ -57,7 +58,7 @@ def set_image_size(model:nn.Module, size) -> nn.Module:
     if hasattr(model, 'icefast_config'): model.icefast_config['img_size'] = list(s)  # so that `load_model` rebuilds it so
     return model
 
-# %% ../../nbs/04_models.rcnn.ipynb #52f0937c
+# %% ../../nbs/04_models.rcnn.ipynb #ccbc02e6
 def rcnn_losses_and_detections(model, images, targets):
     "Validation losses and detections of a torchvision R-CNN in eval mode, from one backbone pass."
     from collections import OrderedDict
@@ -77,6 +78,7 @@ def rcnn_losses_and_detections(model, images, targets):
     dets, _ = model.roi_heads(feats, proposals, il.image_sizes)
     return {**roi_losses, **rpn_losses}, model.transform.postprocess(dets, il.image_sizes, sizes)
 
+# %% ../../nbs/04_models.rcnn.ipynb #c7c7e5c8
 class _RCNNMixin:
     "torchvision's R-CNNs as icefast detectors (`models.core.Detector`): one-pass validation and the protocol's members."
     predicts_masks = False
@@ -100,6 +102,7 @@ class _RCNNMixin:
         self.roi_heads.fg_bg_sampler.batch_size_per_image = rois
         return f"lighter R-CNN sampling ({proposals} proposals, {rois} RoIs per image; torchvision: 2000 and 1000, 512)"
 
+# %% ../../nbs/04_models.rcnn.ipynb #acefea89
 class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
     "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
 
@@ -121,7 +124,7 @@ class MaskRCNNModel(_RCNNMixin, tvd.MaskRCNN):
 
 _CLASSES = {'faster_rcnn': FasterRCNNModel, 'mask_rcnn': MaskRCNNModel}
 
-# %% ../../nbs/04_models.rcnn.ipynb #8caf0ad6
+# %% ../../nbs/04_models.rcnn.ipynb #9a886fa7
 def torchvision_v2(builder:str, num_classes:int, trainable_layers:int, whole:bool, pretrained_backbone, what:str, **kwargs) -> nn.Module:
     "torchvision's own resnet50 FPN v2 detector `builder`, without weights; ImageNet backbone weights when asked."
     model = getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=num_classes,
@@ -136,6 +139,7 @@ def torchvision_v2(builder:str, num_classes:int, trainable_layers:int, whole:boo
 # backbone names that torchvision builds as a whole detector (its own heads), not a backbone of the registry: name -> build
 WHOLE_TORCHVISION_BUILDS = {'resnet50_fpn_v2': torchvision_v2}
 
+# %% ../../nbs/04_models.rcnn.ipynb #9538fdbe
 def finish_torchvision(model, arch:str, name:str, num_classes:int, img_size, whole:bool, kwargs:dict):
     "What every torchvision builder ends with: the config that rebuilds `model`, its image size, and whether it starts pretrained."
     from torchvision.ops.misc import FrozenBatchNorm2d
@@ -146,6 +150,7 @@ def finish_torchvision(model, arch:str, name:str, num_classes:int, img_size, who
     model.icefast_pretrained = whole or bool(getattr(model.backbone, 'icefast_pretrained', True))  # a user's own backbone counts as pretrained
     return model
 
+# %% ../../nbs/04_models.rcnn.ipynb #0fa37415
 def build_rcnn(
     arch:str, # 'faster_rcnn' or 'mask_rcnn'
     backbone=None, # A backbone module, a registered name, 'resnet50_fpn_v2', or None for resnet50 FPN
