@@ -66,8 +66,9 @@ def main():
                     help="the Learner's opt_func for every fine_tune config: detection_learner's default, fastai's Adam, "
                          "or icefast.learner.TorchAdamW (torch.optim.AdamW through OptimWrapper); several: each in turn")
     ap.add_argument('--workers', type=int, default=None, help="DataLoader workers (default: icefast's, 0 on the CPU)")
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: every core; 1 to run seeds side by side)')
     a = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count()))
+    torch.set_num_threads(a.threads or max(1, os.cpu_count()))
     tmp = tempfile.mkdtemp()
     ann, imgs = make_shapes(tmp, n_images=a.n_images, size=(a.size * 5 // 4, a.size), seed=a.seed)
     with warnings.catch_warnings():
