@@ -44,12 +44,11 @@ def _as_cli_error(what:str, also=()):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise CLIError(f"{what}: {msg}" if what else msg) from e
 
-# %% ../nbs/11_cli.ipynb #f1c44767
+# %% ../nbs/11_cli.ipynb #0fb6f047
 def _data_parser(data, fmt:str, flag:str='--data', **kwargs):
     "`icefast.parsers.parser_for` of `data` in format `fmt`, its refusals as `CLIError`s that name the option `flag`."
     from icefast.parsers import parser_for
     with _as_cli_error(flag, (ValueError,)): return parser_for(data, fmt, **kwargs)
-
 
 # %% ../nbs/11_cli.ipynb #b971a0cb
 def report_dict(report) -> dict:
@@ -71,7 +70,7 @@ def parse_data(parser, log=print) -> list:
         raise CLIError(f"{rep.source}: no boxes in {rep.n_images} images{why}: nothing to learn or evaluate")
     return records
 
-# %% ../nbs/11_cli.ipynb #c070eaa4
+# %% ../nbs/11_cli.ipynb #63f4d148
 def _split_ids(f) -> set:
     "The image ids or file names listed in text file `f`, one per line (first word)."
     f = Path(f).expanduser()
@@ -95,6 +94,7 @@ def split_records(records:list, valid_pct:float=0.2, split=None, seed:int=42) ->
     if not valid: raise CLIError(f"--split {split[-1]}: none of its {len(lists[-1])} names is an image of the data")
     return records, IdSplitter(valid)
 
+# %% ../nbs/11_cli.ipynb #b31acdd5
 def _class_name_kw(args) -> dict:
     "`class_name=` for `parser_for` when `--class-name` was given."
     name = getattr(args, 'class_name', None)
@@ -112,6 +112,7 @@ def _with_valid_data(args, parser, records:list, masks:bool, out:Path, log=print
                  "their validation scores are not held out")
     return records + valid, RecordsSplitter(valid)
 
+# %% ../nbs/11_cli.ipynb #df9d4faa
 def resolve_pretrained(value:str, arch:str, backbone:str):
     "`(pretrained, pretrained_backbone)` for a model builder from --pretrained true|false|PATH."
     v = str(value).strip()
@@ -171,7 +172,7 @@ def _save_fig(fig, fname):
     import matplotlib.pyplot as plt
     fig.savefig(fname, dpi=80); plt.close(fig)
 
-# %% ../nbs/11_cli.ipynb #4d32366d
+# %% ../nbs/11_cli.ipynb #da5b7410
 def _device(name:str):
     import torch
     if name in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -187,6 +188,7 @@ def _lr(value):
     if not 0 < lr < 10: raise CLIError(f"--lr {value}: outside (0, 10)")
     return lr
 
+# %% ../nbs/11_cli.ipynb #f9b1f3af
 _RESUME_OVERRIDES = ('device', 'workers', 'progress_every', 'nproc')  # what --resume takes from the command line; the rest from run.json
 
 def _read_json(f:Path, what:str) -> dict:
@@ -215,6 +217,7 @@ def _resume_args(args, log=print) -> argparse.Namespace:
     new.resume, new.out = str(run), str(run)
     return new
 
+# %% ../nbs/11_cli.ipynb #2cf59ca5
 def _check_train_args(args):
     "--data, --format and --out, which argparse cannot require because --resume needs none of them."
     missing = [f"--{k}" for k in ('data', 'format', 'out') if getattr(args, k, None) is None]
@@ -229,6 +232,7 @@ def _saved_args(args, lr) -> dict:
     a['lr'] = None if lr is None else str(lr)
     return a
 
+# %% ../nbs/11_cli.ipynb #0e3b67ac
 def _resumed_model(out:Path):
     "The model of the run in `out` as it was built (the learner `icefast train` saved before training), for --resume."
     import pickle
@@ -248,28 +252,27 @@ def _train_rank(kw:dict) -> dict:
     from icefast.distributed import rank_and_world
     return train(argparse.Namespace(**{**kw, 'nproc': 1}), log=print if rank_and_world()[0] == 0 else (lambda *a, **k: None))
 
-def train(args, log=print) -> dict:
-    "Run `icefast train` with parsed `args`, or continue the run of `args.resume`; returns the run summary (also `out/run.json`)."
-    t0 = time.time()
-    from icefast.distributed import init_distributed, end_distributed, launch_training, broadcast_object
-    nproc = getattr(args, 'nproc', 1)
-    if nproc < 1: raise CLIError(f"--nproc {nproc}: at least 1")
-    if nproc > 1:  # this process starts the others and trains as rank 0 among them
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1: raise CLIError("--nproc under a launcher that started the processes already: leave it out")
-        with _as_cli_error('--nproc', (ValueError,)):
-            return launch_training(_train_rank, nproc, args=(vars(args),), device=_device(args.device).type)[0]
-    rank = init_distributed(_device(args.device).type == 'cpu')[0]  # under `accelerate launch` / torchrun; (0, 1) otherwise
-    if rank: log = lambda *a, **k: None
-    resume = getattr(args, 'resume', None)
-    if resume: args = _resume_args(args, log)
-    else: _check_train_args(args)
+# %% ../nbs/11_cli.ipynb #cbb925fe
+def _launch(args, nproc:int) -> dict:
+    "`--nproc` above 1: this process starts the others and trains as rank 0 among them."
+    from icefast.distributed import launch_training
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1: raise CLIError("--nproc under a launcher that started the processes already: leave it out")
+    with _as_cli_error('--nproc', (ValueError,)):
+        return launch_training(_train_rank, nproc, args=(vars(args),), device=_device(args.device).type)[0]
+
+def _check_train_numbers(args, resume) -> tuple:
+    "`(lr, weights)`: the learning rate, epochs, batch size, size, weights, model and split options, checked before any data are read."
     lr = _lr(args.lr)
     if args.epochs < 1 or args.bs < 1: raise CLIError("--epochs and --bs must be at least 1")
     if args.size < 32: raise CLIError(f"--size {args.size}: at least 32 pixels")
-    out = Path(args.out).expanduser()
     weights = (False, False) if resume else resolve_pretrained(args.pretrained, args.arch, _backbone(args.arch, args.backbone))
     _check_model_args(args.arch, args.backbone, args.size)
     if args.split is None and not 0 < args.valid_pct < 1: raise CLIError(f"--valid-pct must be between 0 and 1, got {args.valid_pct}")
+    return lr, weights
+
+# %% ../nbs/11_cli.ipynb #a640260a
+def _read_train_data(args, out:Path, log=print) -> tuple:
+    "`(parser, records, splitter)`: --data parsed (its report written to `out`) and split by --valid-pct, --split or --valid-data."
     from icefast.models import model_spec
     masks = model_spec(args.arch).masks
     parser = _data_parser(args.data, args.format, masks=masks, images=args.images, label_attr=args.label_attr, **_class_name_kw(args))
@@ -280,15 +283,11 @@ def train(args, log=print) -> dict:
     (out/'data_report.txt').write_text(rep.summary(max_files=20) + '\n')
     if getattr(args, 'valid_data', None): records, splitter = _with_valid_data(args, parser, records, masks, out, log)
     else: records, splitter = split_records(records, args.valid_pct, args.split, args.seed)
+    return parser, records, splitter
 
-    import torch
-    from fastai.torch_core import set_seed
-    from fastai.callback.core import Callback
+def _train_dataloaders(args, records:list, cm, splitter, device, out:Path, log=print):
+    "The run's DataLoaders (the validation ids in `out/valid.txt`); an empty split refused, the batch size cut to a small training set."
     from icefast.data import dataloaders
-    from icefast.learner import detection_learner, NonFiniteLoss, RunLog, RunCheckpoint, plot_lr_find
-    set_seed(args.seed)
-    device = _device(args.device)
-    cm = parser.class_map
     kw = {} if args.workers is None else {'num_workers': args.workers}
     with _as_cli_error('data', (ValueError,)):
         dls = dataloaders(records, cm, size=args.size, bs=args.bs, splitter=splitter, device=device, **kw)
@@ -301,63 +300,60 @@ def train(args, log=print) -> dict:
         dls.train.bs = n_train
     n_cls = len(cm) - 1
     log(f"icefast: {n_train} training and {n_valid} validation images, {n_cls} class{'' if n_cls == 1 else 'es'}, {args.size} px, on {device}")
-    if isinstance(weights[0], Path): log(f"icefast: --pretrained {weights[0]}: read as whole-detector weights")
-    if isinstance(weights[1], Path): log(f"icefast: --pretrained {weights[1]}: read as backbone weights (no detector heads in it)")
-    model = _resumed_model(out) if resume else build_model(args.arch, args.backbone, len(cm), args.size, weights)
-    run_log, ckpt = RunLog(out), RunCheckpoint(out/'models', monitor='mAP')
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
-        learn = detection_learner(dls, model, path=out, model_dir='models')
-        if lr == 'auto':  # before the run's callbacks, which would take lr_find's steps for epochs
-            with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
-                sug = learn.lr_find(num_it=getattr(args, 'lr_find_steps', 100), show_plot=False)
-            lr = broadcast_object(float(sug.valley))  # every process trains at rank 0's suggestion
-            plot_lr_find(learn, out/'lr_find.png')
-            log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
-        base = dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
-                    images=str(Path(args.images).expanduser().resolve()) if args.images else None, arch=args.arch,
-                    backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
-                    epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
-                    n_valid=n_valid, args=_saved_args(args, lr))
-        def progress(state:str):  # run.json while training: what the folder holds, for predict / eval / export and --resume
-            if rank: return
-            rows = run_log.rows
-            best = rows[ckpt.best_epoch] if ckpt.best_epoch is not None and ckpt.best_epoch < len(rows) else None
-            _write_json(out/'run.json', dict(base, state=state, epochs_done=ckpt.done, best_epoch=ckpt.best_epoch, best=best,
-                                             last=rows[-1] if rows else None, thresholds=ckpt.best_thresholds,
-                                             model='models/best.pth' if best else None, seconds=round(time.time() - t0, 1)))
-        start = 0
-        with _as_cli_error(f"--resume {out}" if resume else f"--out {out}", (ValueError,)):
-            if resume: start = ckpt.restore(learn)
-            elif not rank: (out/'models').mkdir(exist_ok=True); learn.export('models/learner.pkl')  # the learner as built, for --resume
-        class _Progress(Callback):
-            order, rank0_only = ckpt.order + 1, True
-            def after_epoch(self): progress('running')
-        cbs = [run_log, ckpt, _Progress()]
-        learn.add_cbs(cbs)
-        if resume:
-            log(f"icefast: resuming {out} after epoch {start} of {args.epochs}"
-                + (f" (best mAP {ckpt.best:.3f} at epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None else ''))
-        else: progress('running')
-        try:
-            with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)), learn.distrib_ctx():
-                learn.fine_tune(args.epochs, start_epoch=start, **({} if lr is None else {'base_lr': lr}))
-        except NonFiniteLoss as e:
-            progress('failed')
-            best = out/'models'/'best.pth'
-            kept = (f"; {best} holds the best epoch before it (mAP {run_log.best().get('mAP') or 0.:.3f})"
-                    if best.is_file() and run_log.rows else '')
-            why = str(e).split('\n\t')[-1]  # without fastai's "Exception occured in ..." prefix
-            raise TrainingError(f"{why} Nothing was exported as the run's model (no model.pkl){kept}.") from e
-        except KeyboardInterrupt:
-            progress('interrupted')
-            log(f"icefast: interrupted after {ckpt.done} of {args.epochs} epochs; 'icefast train --resume {out}' continues, and "
-                + (f"predict, eval and export use its best checkpoint (epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None
-                   else "nothing is saved yet (no epoch finished)"))
-            raise
-        except OSError as e: raise CLIError(str(e)) from e
-    learn.remove_cbs(cbs)
-    if end_distributed(): return {}  # the other processes stop here; rank 0 alone loads the best epoch, exports, plots, writes run.json
+    return dls
+
+# %% ../nbs/11_cli.ipynb #8619569d
+def _lr_find(learn, args, out:Path, log=print) -> float:
+    "--lr auto: fastai's `lr_find` (its plot in `out/lr_find.png`), the suggestion every process trains at."
+    from icefast.distributed import broadcast_object
+    from icefast.learner import plot_lr_find
+    with _as_cli_error('lr_find'), _plain_progress(learn, lambda *a: None, bars=sys.stdout.isatty()):
+        sug = learn.lr_find(num_it=getattr(args, 'lr_find_steps', 100), show_plot=False)
+    lr = broadcast_object(float(sug.valley))  # every process trains at rank 0's suggestion
+    plot_lr_find(learn, out/'lr_find.png')
+    log(f"icefast: lr_find suggests {lr:.2e} (plot in {out/'lr_find.png'})")
+    return lr
+
+def _run_base(args, lr, device, cm, n_train:int, n_valid:int) -> dict:
+    "What run.json holds from the start: the command, the data, the model and training options, the classes and split sizes."
+    return dict(command='train', data=str(Path(args.data).expanduser().resolve()), format=args.format,
+                images=str(Path(args.images).expanduser().resolve()) if args.images else None, arch=args.arch,
+                backbone=_backbone(args.arch, args.backbone), pretrained=str(args.pretrained), size=args.size,
+                epochs=args.epochs, bs=args.bs, lr=lr, device=str(device), classes=list(cm.classes), n_train=n_train,
+                n_valid=n_valid, args=_saved_args(args, lr))
+
+def _write_progress(out:Path, base:dict, run_log, ckpt, t0:float, state:str):
+    "run.json while training: what the folder holds, for predict / eval / export and --resume."
+    rows = run_log.rows
+    best = rows[ckpt.best_epoch] if ckpt.best_epoch is not None and ckpt.best_epoch < len(rows) else None
+    _write_json(out/'run.json', dict(base, state=state, epochs_done=ckpt.done, best_epoch=ckpt.best_epoch, best=best,
+                                     last=rows[-1] if rows else None, thresholds=ckpt.best_thresholds,
+                                     model='models/best.pth' if best else None, seconds=round(time.time() - t0, 1)))
+
+# %% ../nbs/11_cli.ipynb #d934391c
+def _fit(learn, args, lr, start:int, out:Path, run_log, ckpt, progress, log=print):
+    "`fine_tune` for the run's epochs from epoch `start`; a NaN loss, Ctrl-C or a full disk end it saying what is kept."
+    from icefast.learner import NonFiniteLoss
+    try:
+        with _plain_progress(learn, log, bars=sys.stdout.isatty(), every=getattr(args, 'progress_every', 20.)), learn.distrib_ctx():
+            learn.fine_tune(args.epochs, start_epoch=start, **({} if lr is None else {'base_lr': lr}))
+    except NonFiniteLoss as e:
+        progress('failed')
+        best = out/'models'/'best.pth'
+        kept = (f"; {best} holds the best epoch before it (mAP {run_log.best().get('mAP') or 0.:.3f})"
+                if best.is_file() and run_log.rows else '')
+        why = str(e).split('\n\t')[-1]  # without fastai's "Exception occured in ..." prefix
+        raise TrainingError(f"{why} Nothing was exported as the run's model (no model.pkl){kept}.") from e
+    except KeyboardInterrupt:
+        progress('interrupted')
+        log(f"icefast: interrupted after {ckpt.done} of {args.epochs} epochs; 'icefast train --resume {out}' continues, and "
+            + (f"predict, eval and export use its best checkpoint (epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None
+               else "nothing is saved yet (no epoch finished)"))
+        raise
+    except OSError as e: raise CLIError(str(e)) from e
+
+def _finish_run(learn, args, out:Path, run_log, ckpt, base:dict, t0:float, log=print) -> dict:
+    "After training, on rank 0: the best epoch exported as model.pkl, the curves and results plotted, the summary in run.json."
     if ckpt.best_epoch is not None: ckpt.load_best(learn)  # the exported model is the best epoch's
     learn.export('model.pkl')
     (out/'models'/'learner.pkl').unlink(missing_ok=True)  # model.pkl replaces it
@@ -373,9 +369,61 @@ def train(args, log=print) -> dict:
         f"{summary['seconds']:.0f} s; written to {out}")
     return summary
 
+# %% ../nbs/11_cli.ipynb #5ade8bbe
+def train(args, log=print) -> dict:
+    "Run `icefast train` with parsed `args`, or continue the run of `args.resume`; returns the run summary (also `out/run.json`)."
+    t0 = time.time()
+    from icefast.distributed import init_distributed, end_distributed
+    nproc = getattr(args, 'nproc', 1)
+    if nproc < 1: raise CLIError(f"--nproc {nproc}: at least 1")
+    if nproc > 1: return _launch(args, nproc)  # this process starts the others and trains as rank 0 among them
+    rank = init_distributed(_device(args.device).type == 'cpu')[0]  # under `accelerate launch` / torchrun; (0, 1) otherwise
+    if rank: log = lambda *a, **k: None
+    resume = getattr(args, 'resume', None)
+    if resume: args = _resume_args(args, log)
+    else: _check_train_args(args)
+    lr, weights = _check_train_numbers(args, resume)
+    out = Path(args.out).expanduser()
+    parser, records, splitter = _read_train_data(args, out, log)
 
+    import torch
+    from fastai.torch_core import set_seed
+    from fastai.callback.core import Callback
+    from icefast.learner import detection_learner, RunLog, RunCheckpoint
+    set_seed(args.seed)
+    device = _device(args.device)
+    cm = parser.class_map
+    dls = _train_dataloaders(args, records, cm, splitter, device, out, log)
+    if isinstance(weights[0], Path): log(f"icefast: --pretrained {weights[0]}: read as whole-detector weights")
+    if isinstance(weights[1], Path): log(f"icefast: --pretrained {weights[1]}: read as backbone weights (no detector heads in it)")
+    model = _resumed_model(out) if resume else build_model(args.arch, args.backbone, len(cm), args.size, weights)
+    run_log, ckpt = RunLog(out), RunCheckpoint(out/'models', monitor='mAP')
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='.*shadowing an attribute.*')
+        learn = detection_learner(dls, model, path=out, model_dir='models')
+        if lr == 'auto': lr = _lr_find(learn, args, out, log)  # before the run's callbacks, which would take lr_find's steps for epochs
+        base = _run_base(args, lr, device, cm, len(dls.train_ds), len(dls.valid_ds))
+        def progress(state:str):
+            if not rank: _write_progress(out, base, run_log, ckpt, t0, state)
+        start = 0
+        with _as_cli_error(f"--resume {out}" if resume else f"--out {out}", (ValueError,)):
+            if resume: start = ckpt.restore(learn)
+            elif not rank: (out/'models').mkdir(exist_ok=True); learn.export('models/learner.pkl')  # the learner as built, for --resume
+        class _Progress(Callback):
+            order, rank0_only = ckpt.order + 1, True
+            def after_epoch(self): progress('running')
+        cbs = [run_log, ckpt, _Progress()]
+        learn.add_cbs(cbs)
+        if resume:
+            log(f"icefast: resuming {out} after epoch {start} of {args.epochs}"
+                + (f" (best mAP {ckpt.best:.3f} at epoch {ckpt.best_epoch})" if ckpt.best_epoch is not None else ''))
+        else: progress('running')
+        _fit(learn, args, lr, start, out, run_log, ckpt, progress, log)
+    learn.remove_cbs(cbs)
+    if end_distributed(): return {}  # the other processes stop here; rank 0 alone loads the best epoch, exports, plots, writes run.json
+    return _finish_run(learn, args, out, run_log, ckpt, base, t0, log)
 
-# %% ../nbs/11_cli.ipynb #f426b1b3
+# %% ../nbs/11_cli.ipynb #0b217767
 _EXPORTED = ('.onnx', '.torchscript', '.pt', '.ts')  # suffixes of the files `icefast export` writes (`icefast.runtime.export_format`)
 
 def run_file(path) -> Path:
@@ -392,6 +440,7 @@ def run_dir(p:Path) -> Path:
     "The run folder of model file `p` (`run_file`'s answer)."
     return p.parent.parent if p.name == 'learner.pkl' and p.parent.name == 'models' else p.parent
 
+# %% ../nbs/11_cli.ipynb #424f2e14
 def _best_of_unfinished(learn, run:Path, log=print):
     "Load the best checkpoint of the unfinished run in `run` into `learn`, with its thresholds, and say which epoch it holds."
     from fastai.learner import load_model
@@ -420,6 +469,7 @@ def load_run(path, device:str='auto', log=print):
     if dev.type != 'cpu': learn.dls.to(dev); learn.model.to(dev)
     return learn
 
+# %% ../nbs/11_cli.ipynb #d2c12cd4
 def image_files(paths) -> list:
     "Image files named by `paths` (files, or folders of images)."
     from icefast.parsers import IMAGE_EXTENSIONS
@@ -449,6 +499,7 @@ def image_records(files:list, known:dict=None) -> list:
     if len(set(ids)) != len(ids): raise CLIError("two images have the same id (the same file name twice?); predict them separately")
     return recs
 
+# %% ../nbs/11_cli.ipynb #b5c417cc
 class LearnerDetector:
     "An exported learner seen as `icefast.runtime.ExportedDetector` is: `class_map`, `masks`, `score_threshold`, `detect`."
     def __init__(self, learn): self.learn, self.class_map, self.masks = learn, learn.detection.class_map, learn.detection.masks
@@ -466,7 +517,7 @@ def load_detector(path, device:str='auto', log=print):
     from icefast.runtime import ExportedDetector
     with _as_cli_error(str(p), (ValueError, ImportError)): return ExportedDetector(p, device=_device(device).type)
 
-
+# %% ../nbs/11_cli.ipynb #8fc9a5ee
 def predict(args, log=print) -> dict:
     "Run `icefast predict` with parsed `args`."
     from icefast.metrics import detections_to_coco
@@ -501,6 +552,7 @@ def predict(args, log=print) -> dict:
     log(f"icefast: {len(results)} detections ({said}) in {len(records)} images written to {out}")
     return {'n_images': len(records), 'n_detections': len(results)}
 
+# %% ../nbs/11_cli.ipynb #1903fabf
 def _note_training_images(args, records, log):
     "Say so when `icefast eval` scores the run's validation images and more: most likely its training images too."
     valid = run_dir(run_file(args.run))/'valid.txt'
@@ -511,6 +563,7 @@ def _note_training_images(args, records, log):
         log(f"icefast eval: the data hold the run's {n_valid} validation images and {len(records) - n_valid} more, probably "
             f"its training images; --split {valid} scores the validation images only")
 
+# %% ../nbs/11_cli.ipynb #d4a0ed62
 def evaluate(args, log=print) -> dict:
     "Run `icefast eval` with parsed `args`: COCO metrics of the run's model on `--data`, overall and per class."
     from icefast.metrics import evaluate_detections, metrics_table, per_class_frame, confusion_matrix, plot_confusion_matrix, plot_pr_curves
@@ -555,7 +608,7 @@ def _json_ready(o):
     if isinstance(o, float) and o != o: return None
     return o
 
-# %% ../nbs/11_cli.ipynb #67a7186a
+# %% ../nbs/11_cli.ipynb #f7b70287
 def _export_records(args, folder:Path, cm, masks:bool) -> list:
     "The images `icefast export` traces and verifies on: the run's validation images, from the data its run.json names (or --data)."
     data, fmt, images = args.data, args.data_format, args.images
@@ -571,6 +624,7 @@ def _export_records(args, folder:Path, cm, masks:bool) -> list:
     if valid.is_file(): records = [r for r in records if _listed(r, _split_ids(valid))] or records
     return records
 
+# %% ../nbs/11_cli.ipynb #e3b8fc67
 def export(args, log=print) -> dict:
     "Run `icefast export` with parsed `args`: the run's model as one ONNX or TorchScript file, verified on its validation images."
     from icefast.runtime import EXPORT_FORMATS
@@ -618,7 +672,7 @@ def demo(args, log=print) -> dict:
         f"({summary['cpu_seconds']:.0f} s of CPU time; {'reached' if m >= 0.5 else 'below'} the 0.5 target)")
     return summary
 
-# %% ../nbs/11_cli.ipynb #e85c397c
+# %% ../nbs/11_cli.ipynb #5eaaf274
 def _wrap(text:str, indent:str='', first:str=None) -> str:
     import textwrap
     return textwrap.fill(text, 100, initial_indent=indent if first is None else first, subsequent_indent=indent)
@@ -640,18 +694,9 @@ def _common(p, data_required:bool=True):
     p.add_argument('--class-name', default=None, metavar='NAME',
                    help="via, csv: a single-class set whose regions (rows) carry no class: every one is NAME, e.g. --class-name balloon")
 
-def build_argparser() -> argparse.ArgumentParser:
-    "The `icefast` argument parser with its four commands."
-    from icefast import __version__
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = _ArgParser(prog='icefast', formatter_class=fmt,
-                   description="Object detection and instance segmentation with fastai: train, predict, evaluate, export, or run the demo.",
-                   epilog=_wrap("Run 'icefast COMMAND --help' for a command's options. Without data, 'icefast demo' trains "
-                                "on generated shapes. Bad arguments or unreadable data end with one line on stderr and exit "
-                                "code 2 (ICEFAST_DEBUG=1 shows the traceback)."))
-    p.add_argument('--version', action='version', version=f'icefast {__version__}')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_ArgParser)
-
+# %% ../nbs/11_cli.ipynb #e4be2c94
+def _add_train(sub, fmt):
+    "The `train` command's options."
     t = sub.add_parser('train', help='train a detector on a data set', formatter_class=fmt, epilog=_EPILOG_DATA + _EPILOG_RESUME,
                        description=_wrap("Train a detector and write to --out: metrics.csv and metrics.json (one row per epoch), "
                                          "models/best.pth (best mAP), models/last.pth and models/checkpoint.pt (the last epoch, "
@@ -698,7 +743,11 @@ def build_argparser() -> argparse.ArgumentParser:
     t.add_argument('--show', type=int, default=4, metavar='N', help='validation images in results.png (default: 4)')
     t.add_argument('--progress-every', type=float, default=20., metavar='SECONDS',
                    help='without a terminal (a log file, a notebook cell): a progress line at most this often (default: 20)')
+    return t
 
+# %% ../nbs/11_cli.ipynb #df6c9d3a
+def _add_predict(sub, fmt):
+    "The `predict` command's options."
     pr = sub.add_parser('predict', help='detect objects in images', formatter_class=fmt, epilog=_EPILOG_DATA,
                         description=_wrap("Detect objects with a trained model; write to --out predictions.json (COCO results: "
                                           "boxes as xywh in the images' pixels, masks as RLE), images.json (COCO images and "
@@ -717,7 +766,10 @@ def build_argparser() -> argparse.ArgumentParser:
     pr.add_argument('--class-name', default=None, metavar='NAME', help='via, csv: the one class of a set whose regions (rows) name none')
     pr.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     pr.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
+    return pr
 
+def _add_eval(sub, fmt):
+    "The `eval` command's options."
     e = sub.add_parser('eval', help='COCO metrics of a trained model on a data set', formatter_class=fmt, epilog=_EPILOG_DATA,
                        description=_wrap("Evaluate a trained model on a data set (all its images, or those of --split) with "
                                          "pycocotools: the 12 COCO figures (and the mask ones for Mask R-CNN), AP, AP50 and AR100 "
@@ -735,7 +787,11 @@ def build_argparser() -> argparse.ArgumentParser:
                    help="score threshold of the confusion matrix (default: each class's, chosen on the run's validation set)")
     e.add_argument('--bs', type=int, default=8, help='batch size (default: 8)')
     e.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
+    return e
 
+# %% ../nbs/11_cli.ipynb #1a866ff1
+def _add_export(sub, fmt):
+    "The `export` command's options."
     x = sub.add_parser('export', help='export a trained model to ONNX or TorchScript, verified', formatter_class=fmt, epilog=_EPILOG_DATA,
                        description=_wrap("Write a run's model as one ONNX (onnxruntime) or TorchScript file holding its letterbox "
                                          "size, class names and thresholds, then verify it: run it next to the PyTorch model on the "
@@ -752,7 +808,10 @@ def build_argparser() -> argparse.ArgumentParser:
     x.add_argument('--images', default=None, metavar='DIR', help='image folder of --data, when not where the layout says')
     x.add_argument('--label-attr', default='label', metavar='NAME', help='via: region attribute holding the class name')
     x.add_argument('--class-name', default=None, metavar='NAME', help='via, csv: the one class of a set whose regions (rows) name none')
+    return x
 
+def _add_demo(sub, fmt):
+    "The `demo` command's options (two hidden ones, for the tests)."
     d = sub.add_parser('demo', help='train on generated shapes, no data needed', formatter_class=fmt,
                        description=_wrap("Generate a shapes data set (COCO format, in RUN_DIR/data), train a small Faster R-CNN "
                                          "from scratch on it and write the outputs of 'icefast train' to RUN_DIR. About 3 "
@@ -761,8 +820,24 @@ def build_argparser() -> argparse.ArgumentParser:
     d.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'], help='default: cuda when available')
     d.add_argument('--workers', type=int, default=None, help=argparse.SUPPRESS)
     d.add_argument('--quick', action='store_true', help=argparse.SUPPRESS)  # tests: the same code path in seconds
+    return d
+
+# %% ../nbs/11_cli.ipynb #f49a6c4d
+def build_argparser() -> argparse.ArgumentParser:
+    "The `icefast` argument parser with its four commands."
+    from icefast import __version__
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _ArgParser(prog='icefast', formatter_class=fmt,
+                   description="Object detection and instance segmentation with fastai: train, predict, evaluate, export, or run the demo.",
+                   epilog=_wrap("Run 'icefast COMMAND --help' for a command's options. Without data, 'icefast demo' trains "
+                                "on generated shapes. Bad arguments or unreadable data end with one line on stderr and exit "
+                                "code 2 (ICEFAST_DEBUG=1 shows the traceback)."))
+    p.add_argument('--version', action='version', version=f'icefast {__version__}')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_ArgParser)
+    for add in (_add_train, _add_predict, _add_eval, _add_export, _add_demo): add(sub, fmt)
     return p
 
+# %% ../nbs/11_cli.ipynb #68f766d3
 COMMANDS = {'train': train, 'predict': predict, 'eval': evaluate, 'export': export, 'demo': demo}
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
