@@ -125,7 +125,45 @@ def _to_pixels(inst, w, h):
     if isinstance(mask, PolygonMask): mask = PolygonMask([(p.reshape(-1, 2)*[w, h]).ravel() for p in mask.polygons])
     return Instance(inst.label, box, mask, inst.iscrowd, inst.area, inst.where)
 
-# %% ../nbs/01_parsers.ipynb #7eecc8e3
+# %% ../nbs/01_parsers.ipynb #7c37a5aa
+def _checked_size(ann:ImageAnnotation, report, verify:bool):
+    "The (w, h) of `ann`'s image file; None when the file is missing or unreadable (reported). A size unlike the annotated one is reported."
+    fp = Path(ann.filepath)
+    try: found = fp.is_file()
+    except (OSError, ValueError): found = False  # a name the file system cannot hold (too long, NUL byte)
+    if not found:
+        report.add('missing_image', fp, f"listed in {ann.source}" if ann.source else '')
+        return None
+    try: w, h = verify_image(fp) if verify else image_size(fp)
+    except Exception as e:
+        report.add('corrupt_image', fp, f"{type(e).__name__}: {e}")
+        return None
+    if ann.size is not None and not _same_size(ann.size, (w, h)):
+        report.add('size_mismatch', fp, f"annotated {tuple(ann.size)}, file {(w, h)}")
+    return w, h
+
+def _checked_instance(inst:Instance, fp:Path, w:int, h:int, class_map:ClassMap, masks:bool, min_box_size:float, rep):
+    "`(label id, box, iscrowd, mask, area)` of `inst` in image `fp` of `w` x `h` pixels, its box clipped; None when it is dropped (reported)."
+    if inst.normalized: inst = _to_pixels(inst, w, h)
+    where = f" ({inst.where})" if inst.where else ''
+    if inst.label not in class_map or inst.label == class_map.background:
+        rep.add('unknown_class', fp, f"{inst.label!r}{where}"); return None
+    if masks and inst.mask is None: rep.add('missing_mask', fp, where.strip(' ()')); return None
+    hw = _mask_hw(inst.mask)
+    if hw is not None and tuple(hw) != (h, w):
+        rep.add('mask_size_mismatch', fp, f"mask {hw[1]}x{hw[0]}, image {w}x{h}{where}"); return None
+    box = inst.box if inst.box is not None else (_mask_box(inst.mask, w, h) if inst.mask is not None else None)
+    if box is None: rep.add('degenerate', fp, f"empty mask{where}"); return None
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape != (4,) or not np.isfinite(box).all(): rep.add('invalid_box', fp, f"{box.tolist()}{where}"); return None
+    clipped = np.clip(box, 0, [w, h, w, h])
+    if (np.abs(clipped - box) > 1e-3).any(): rep.add('clipped', fp, f"{box.tolist()} to {clipped.tolist()}{where}")
+    if clipped[2]-clipped[0] < min_box_size or clipped[3]-clipped[1] < min_box_size:
+        rep.add('degenerate', fp, f"{box.tolist()}{where}"); return None
+    area = inst.area if inst.area is not None else (clipped[2]-clipped[0])*(clipped[3]-clipped[1])
+    return class_map.get_id(inst.label), clipped, inst.iscrowd, inst.mask, area
+
+# %% ../nbs/01_parsers.ipynb #96c5172d
 class Parser:
     "Base of all parsers: subclasses implement `annotations()`; `parse()` gives `Record`s and sets `class_map` and `report`."
     masks = False # Whether the records carry instance masks
@@ -165,47 +203,18 @@ class Parser:
         self.report.emit()
         return records
 
-    def _image_size(self, ann):
-        fp = Path(ann.filepath)
-        try: found = fp.is_file()
-        except (OSError, ValueError): found = False  # a name the file system cannot hold (too long, NUL byte)
-        if not found:
-            self.report.add('missing_image', fp, f"listed in {ann.source}" if ann.source else '')
-            return None
-        try: w, h = verify_image(fp) if self.verify_images else image_size(fp)
-        except Exception as e:
-            self.report.add('corrupt_image', fp, f"{type(e).__name__}: {e}")
-            return None
-        if ann.size is not None and not _same_size(ann.size, (w, h)):
-            self.report.add('size_mismatch', fp, f"annotated {tuple(ann.size)}, file {(w, h)}")
-        return w, h
+    def _image_size(self, ann): return _checked_size(ann, self.report, self.verify_images)
 
     def _record(self, ann:ImageAnnotation):
         size = self._image_size(ann)
         if size is None: return None
         w, h = size
-        fp, rep = Path(ann.filepath), self.report
+        fp = Path(ann.filepath)
         labels, boxes, crowd, masks, areas = [], [], [], [], []
         for inst in ann.instances:
-            if inst.normalized: inst = _to_pixels(inst, w, h)
-            where = f" ({inst.where})" if inst.where else ''
-            if inst.label not in self.class_map or inst.label == self.class_map.background:
-                rep.add('unknown_class', fp, f"{inst.label!r}{where}"); continue
-            if self.masks and inst.mask is None: rep.add('missing_mask', fp, where.strip(' ()')); continue
-            hw = _mask_hw(inst.mask)
-            if hw is not None and tuple(hw) != (h, w):
-                rep.add('mask_size_mismatch', fp, f"mask {hw[1]}x{hw[0]}, image {w}x{h}{where}"); continue
-            box = inst.box if inst.box is not None else (_mask_box(inst.mask, w, h) if inst.mask is not None else None)
-            if box is None: rep.add('degenerate', fp, f"empty mask{where}"); continue
-            box = np.asarray(box, dtype=np.float64)
-            if box.shape != (4,) or not np.isfinite(box).all(): rep.add('invalid_box', fp, f"{box.tolist()}{where}"); continue
-            clipped = np.clip(box, 0, [w, h, w, h])
-            if (np.abs(clipped - box) > 1e-3).any(): rep.add('clipped', fp, f"{box.tolist()} to {clipped.tolist()}{where}")
-            if clipped[2]-clipped[0] < self.min_box_size or clipped[3]-clipped[1] < self.min_box_size:
-                rep.add('degenerate', fp, f"{box.tolist()}{where}"); continue
-            labels.append(self.class_map.get_id(inst.label)); boxes.append(clipped); crowd.append(inst.iscrowd)
-            masks.append(inst.mask)
-            areas.append(inst.area if inst.area is not None else (clipped[2]-clipped[0])*(clipped[3]-clipped[1]))
+            checked = _checked_instance(inst, fp, w, h, self.class_map, self.masks, self.min_box_size, self.report)
+            if checked is None: continue
+            for values, v in zip((labels, boxes, crowd, masks, areas), checked): values.append(v)
         return Record(fp, ann.image_id, w, h, labels=labels, boxes=np.array(boxes, np.float32).reshape(-1, 4),
                       iscrowd=crowd, masks=masks if self.masks else None, areas=areas)
 
@@ -272,7 +281,103 @@ def _rle_string_total(s:str):
         cnts.append(x); total += x; x = k = 0
     return None if k else total
 
-# %% ../nbs/01_parsers.ipynb #08783118
+# %% ../nbs/01_parsers.ipynb #d4d6046b
+def _coco_categories(p:Path, categories:list) -> dict:
+    "{category id: name} of COCO file `p`'s `categories`, each id and name checked."
+    cats = {}
+    for i, c in enumerate(categories):
+        where = f"categories[{i}]"
+        cid, name = _need(c, 'id', p, where), _need(c, 'name', p, where)
+        if not _is_id(cid): raise _bad(p, f"{where}['id']", cid, "an integer category id")
+        if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip():
+            raise _bad(p, f"{where}['name']", name, "a class name (non-empty text)")
+        if cid in cats:
+            raise ParseError(f"{p}: {where}: category id {cid!r} is used twice, by '{cats[cid]}' and '{name}'; each category needs its own id")
+        cats[cid] = str(name)
+    if len({type(k) for k in cats}) > 1:
+        raise ParseError(f"{p}: 'categories' mixes integer and text ids (e.g. {next(k for k in cats if isinstance(k, int))!r} "
+                         f"and {next(k for k in cats if isinstance(k, str))!r}); use integers throughout")
+    return cats
+
+def _coco_image_files(p:Path, images:list, img_dir:Path) -> dict:
+    "{image id: (index, file name)} of COCO file `p`'s `images`, each id and file name checked."
+    files = {}  # image id -> (index, file name)
+    for i, im in enumerate(images):
+        where = f"images[{i}]"
+        iid, fn = _need(im, 'id', p, where), _need(im, 'file_name', p, where)
+        if not _is_id(iid): raise _bad(p, f"{where}['id']", iid, "an integer image id")
+        if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"{where}['file_name']", fn, f"the image's file name in {img_dir}")
+        if iid in files:
+            j, other = files[iid]
+            raise ParseError(f"{p}: image id {iid!r} is used twice, by images[{j}] ('{other}') and {where} ('{fn}'); "
+                             f"each image needs its own id, as annotations name their image by it")
+        files[iid] = (i, fn)
+    return files
+
+# %% ../nbs/01_parsers.ipynb #42f8c633
+def _coco_size(p:Path, im:dict, where:str):
+    "(width, height) of an `images` entry, None where it states none (the file's size is then used)."
+    size = []
+    for k in ('width', 'height'):
+        v = im.get(k)
+        if k not in im: return None
+        if isinstance(v, (bool, list, dict)) or v is None: raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)")
+        try: size.append(float(v))
+        except (TypeError, ValueError, OverflowError): raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)") from None
+    return tuple(size)
+
+def _coco_rle(p:Path, seg:dict, where:str) -> RLEMask:
+    "The `RLEMask` of an RLE `segmentation`, its size and runs checked."
+    where = f"{where}['segmentation']"
+    size = _numbers(_need(seg, 'size', p, where), 2, p, f"{where}['size']")
+    if not all(math.isfinite(v) and v == int(v) and v > 0 for v in size):
+        raise _bad(p, f"{where}['size']", size, "[height, width]: two positive integers")
+    h, w = map(int, size)
+    counts = _need(seg, 'counts', p, where)
+    if isinstance(counts, str): total = _rle_string_total(counts)
+    elif isinstance(counts, list) and all(_is_id(c) and not isinstance(c, str) and c >= 0 for c in counts): total = sum(counts)
+    else: raise _bad(p, f"{where}['counts']", counts, "an RLE: a compressed string or a list of non-negative run lengths")
+    if total is None: raise _bad(p, f"{where}['counts']", counts, "a compressed COCO RLE string (characters '0' to 'o')")
+    if total != h*w: raise ParseError(f"{p}: {where}: the RLE runs cover {total} pixels, but its size {h}x{w} has {h*w}")
+    return RLEMask(counts, (h, w))
+
+def _coco_mask(p:Path, seg, where:str):
+    "The mask of a `segmentation`: an `RLEMask`, a `PolygonMask`, or None when no polygon has 3 points."
+    if isinstance(seg, dict): return _coco_rle(p, seg, where)
+    if isinstance(seg, list):
+        polys = []
+        for j, poly in enumerate(seg):
+            w = f"{where}['segmentation'][{j}]"
+            if not isinstance(poly, list): raise _bad(p, w, poly, "a polygon: a list of x, y pixel coordinates")
+            if len(poly) % 2: raise _bad(p, w, poly, "a polygon: x, y pairs (an even count of numbers)")
+            if len(poly) >= 6: polys.append(_numbers(poly, len(poly), p, w))
+        return PolygonMask(polys) if polys else None
+    raise ParseError(f"{p}: {where} has a 'segmentation' that is neither polygons nor RLE: {_short(seg)}")
+
+# %% ../nbs/01_parsers.ipynb #94cf00af
+def _coco_instance(p:Path, a:dict, where:str, cats:dict, masks:bool) -> Instance:
+    "The `Instance` of annotation `a` of COCO file `p` (categories `cats`), its mask read when `masks` (or when it has no bbox)."
+    cat = _need(a, 'category_id', p, where)
+    if not _is_id(cat): raise _bad(p, f"{where}['category_id']", cat, "the id of a category in 'categories'")
+    crowd = a.get('iscrowd', 0)
+    if crowd is None: crowd = 0
+    if crowd not in (0, 1) or isinstance(crowd, float): raise _bad(p, f"{where}['iscrowd']", crowd, "0 or 1")
+    area = a.get('area')
+    if area is not None:
+        if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+            raise _bad(p, f"{where}['area']", area, "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
+        area = float(area)
+    seg = a.get('segmentation')
+    mask = _coco_mask(p, seg, where) if (masks and seg) else None
+    box = None
+    if a.get('bbox') is not None:
+        x, y, bw, bh = _numbers(a['bbox'], 4, p, f"{where}['bbox']")
+        box = (x, y, x+bw, y+bh)
+    elif seg is None: raise ParseError(f"{p}: {where} has neither 'bbox' nor 'segmentation'")
+    elif mask is None: mask = _coco_mask(p, seg, where)
+    return Instance(cats.get(cat, f"<category_id {cat}>"), box, mask, bool(crowd), area, where)
+
+# %% ../nbs/01_parsers.ipynb #e4a3d9cd
 class COCOParser(Parser):
     "COCO detection/segmentation JSON: boxes, polygons and RLE; crowd regions kept and marked."
     def __init__(self,
@@ -292,19 +397,7 @@ class COCOParser(Parser):
             p, d = self.annotations_file, _load_json(self.annotations_file)
             if not isinstance(d, dict): raise ParseError(f"{p}: expected a JSON object with 'images', 'annotations' and 'categories'")
             for k in ('images', 'annotations', 'categories'): _need(d, k, p, 'the file', list)
-            self._cats = {}
-            for i, c in enumerate(d['categories']):
-                where = f"categories[{i}]"
-                cid, name = _need(c, 'id', p, where), _need(c, 'name', p, where)
-                if not _is_id(cid): raise _bad(p, f"{where}['id']", cid, "an integer category id")
-                if not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip():
-                    raise _bad(p, f"{where}['name']", name, "a class name (non-empty text)")
-                if cid in self._cats:
-                    raise ParseError(f"{p}: {where}: category id {cid!r} is used twice, by '{self._cats[cid]}' and '{name}'; each category needs its own id")
-                self._cats[cid] = str(name)
-            if len({type(k) for k in self._cats}) > 1:
-                raise ParseError(f"{p}: 'categories' mixes integer and text ids (e.g. {next(k for k in self._cats if isinstance(k, int))!r} "
-                                 f"and {next(k for k in self._cats if isinstance(k, str))!r}); use integers throughout")
+            self._cats = _coco_categories(p, d['categories'])
             self._data = d
         return self._data
 
@@ -318,57 +411,9 @@ class COCOParser(Parser):
         return names
     def source_ids(self): return self._cat_ids()
 
-    def _size(self, im, where):
-        "(width, height) of an `images` entry, None where it states none (the file's size is then used)."
-        p, size = self.annotations_file, []
-        for k in ('width', 'height'):
-            v = im.get(k)
-            if k not in im: return None
-            if isinstance(v, (bool, list, dict)) or v is None: raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)")
-            try: size.append(float(v))
-            except (TypeError, ValueError, OverflowError): raise _bad(p, f"{where}['{k}']", v, "a number of pixels (or leave it out: the image file's size is used)") from None
-        return tuple(size)
-
-    def _rle(self, seg, where):
-        p, where = self.annotations_file, f"{where}['segmentation']"
-        size = _numbers(_need(seg, 'size', p, where), 2, p, f"{where}['size']")
-        if not all(math.isfinite(v) and v == int(v) and v > 0 for v in size):
-            raise _bad(p, f"{where}['size']", size, "[height, width]: two positive integers")
-        h, w = map(int, size)
-        counts = _need(seg, 'counts', p, where)
-        if isinstance(counts, str): total = _rle_string_total(counts)
-        elif isinstance(counts, list) and all(_is_id(c) and not isinstance(c, str) and c >= 0 for c in counts): total = sum(counts)
-        else: raise _bad(p, f"{where}['counts']", counts, "an RLE: a compressed string or a list of non-negative run lengths")
-        if total is None: raise _bad(p, f"{where}['counts']", counts, "a compressed COCO RLE string (characters '0' to 'o')")
-        if total != h*w: raise ParseError(f"{p}: {where}: the RLE runs cover {total} pixels, but its size {h}x{w} has {h*w}")
-        return RLEMask(counts, (h, w))
-
-    def _mask(self, seg, where):
-        p = self.annotations_file
-        if isinstance(seg, dict): return self._rle(seg, where)
-        if isinstance(seg, list):
-            polys = []
-            for j, poly in enumerate(seg):
-                w = f"{where}['segmentation'][{j}]"
-                if not isinstance(poly, list): raise _bad(p, w, poly, "a polygon: a list of x, y pixel coordinates")
-                if len(poly) % 2: raise _bad(p, w, poly, "a polygon: x, y pairs (an even count of numbers)")
-                if len(poly) >= 6: polys.append(_numbers(poly, len(poly), p, w))
-            return PolygonMask(polys) if polys else None
-        raise ParseError(f"{p}: {where} has a 'segmentation' that is neither polygons nor RLE: {_short(seg)}")
-
     def annotations(self):
         d, p = self._load(), self.annotations_file
-        files = {}  # image id -> (index, file name)
-        for i, im in enumerate(d['images']):
-            where = f"images[{i}]"
-            iid, fn = _need(im, 'id', p, where), _need(im, 'file_name', p, where)
-            if not _is_id(iid): raise _bad(p, f"{where}['id']", iid, "an integer image id")
-            if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"{where}['file_name']", fn, f"the image's file name in {self.img_dir}")
-            if iid in files:
-                j, other = files[iid]
-                raise ParseError(f"{p}: image id {iid!r} is used twice, by images[{j}] ('{other}') and {where} ('{fn}'); "
-                                 f"each image needs its own id, as annotations name their image by it")
-            files[iid] = (i, fn)
+        files = _coco_image_files(p, d['images'], self.img_dir)
         by_image = defaultdict(list)
         for i, a in enumerate(d['annotations']):
             where = f"annotations[{i}] (id {_short(a.get('id'), 30)})" if isinstance(a, dict) else f"annotations[{i}]"
@@ -377,30 +422,9 @@ class COCOParser(Parser):
             if img_id not in files: self.report.add('orphan_annotation', p, f"{where} of image_id {img_id!r}"); continue
             by_image[img_id].append((where, a))
         for i, im in enumerate(d['images']):
-            yield ImageAnnotation(self.img_dir/im['file_name'], im['id'], [self._instance(a, where) for where, a in by_image[im['id']]],
-                                  self._size(im, f"images[{i}]"), p)
-
-    def _instance(self, a, where):
-        p = self.annotations_file
-        cat = _need(a, 'category_id', p, where)
-        if not _is_id(cat): raise _bad(p, f"{where}['category_id']", cat, "the id of a category in 'categories'")
-        crowd = a.get('iscrowd', 0)
-        if crowd is None: crowd = 0
-        if crowd not in (0, 1) or isinstance(crowd, float): raise _bad(p, f"{where}['iscrowd']", crowd, "0 or 1")
-        area = a.get('area')
-        if area is not None:
-            if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
-                raise _bad(p, f"{where}['area']", area, "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
-            area = float(area)
-        seg = a.get('segmentation')
-        mask = self._mask(seg, where) if (self.masks and seg) else None
-        box = None
-        if a.get('bbox') is not None:
-            x, y, bw, bh = _numbers(a['bbox'], 4, p, f"{where}['bbox']")
-            box = (x, y, x+bw, y+bh)
-        elif seg is None: raise ParseError(f"{p}: {where} has neither 'bbox' nor 'segmentation'")
-        elif mask is None: mask = self._mask(seg, where)
-        return Instance(self._cats.get(cat, f"<category_id {cat}>"), box, mask, bool(crowd), area, where)
+            yield ImageAnnotation(self.img_dir/im['file_name'], im['id'],
+                                  [_coco_instance(p, a, where, self._cats, self.masks) for where, a in by_image[im['id']]],
+                                  _coco_size(p, im, f"images[{i}]"), p)
 
 # %% ../nbs/01_parsers.ipynb #99b1f704
 def _parse_xml(path):
@@ -428,7 +452,54 @@ def _label_values(path):
         if colors is None: raise ValueError("more than 65536 values")
         return im.size, {int(v) for _, v in colors} - {0, 255}
 
-# %% ../nbs/01_parsers.ipynb #731c8b41
+# %% ../nbs/01_parsers.ipynb #96a159b8
+def _voc_objects(root, xml:Path, mask_file:Path=None, mask_hw=None, one_based:bool=True) -> list:
+    "The `Instance`s of the `<object>`s of VOC file `xml` (parsed: `root`); masks from `mask_file`, a PNG of size `mask_hw` (h, w)."
+    insts = []
+    for i, obj in enumerate(root.iter('object')):
+        where = f"<object> {i+1}"
+        name = _text(obj, 'name', xml, where)
+        bb = obj.find('bndbox')
+        if bb is None: raise ParseError(f"{xml}: {where} ('{name}') has no <bndbox>")
+        xmin, ymin, xmax, ymax = (_text(bb, t, xml, f"{where} ('{name}')", True) for t in ('xmin', 'ymin', 'xmax', 'ymax'))
+        mask = None
+        if mask_file:
+            mask = LabelImageMask(mask_file, i+1)
+            mask.hw = mask_hw  # checked against the image's size
+        box = (xmin-1, ymin-1, xmax, ymax) if one_based else (xmin, ymin, xmax, ymax)
+        insts.append(Instance(name, box, mask, where=where))
+    return insts
+
+# %% ../nbs/01_parsers.ipynb #252665e0
+def _voc_checked_masks(found:list, report, masks_dir:Path) -> list:
+    "The annotations of `found` [(annotation, mask PNG, its values)] whose masks fit: instances without their value dropped, PNGs of class ids refused."
+    good, wrong = [], []
+    for ann, mask_file, values in found:
+        n = len(ann.instances)
+        extra = sorted(v for v in values if v > n)
+        if extra or (n and not values): wrong.append((ann, mask_file, values, extra)); continue
+        good.append(ann)
+        kept = []
+        for i, inst in enumerate(ann.instances):
+            if i+1 in values: kept.append(inst)
+            else: report.add('missing_mask', ann.source, f"{inst.where} ('{inst.label}'): value {i+1} absent from {mask_file.name}")
+        ann.instances = kept
+    if wrong and not good:
+        ann, mask_file, values, extra = wrong[0]
+        names = [i.label for i in ann.instances]
+        if not values: why = "it holds no object (all pixels 0 or 255)"
+        else:
+            why = f"it has the values {sorted(values)} but {ann.source.name} has {len(names)} <object>s"
+            if all(0 < v <= len(_VOC_CLASSES) and _VOC_CLASSES[v-1] in names for v in values):
+                why += f": they are the VOC class ids of {[_VOC_CLASSES[v-1] for v in sorted(values)]}, a class mask"
+        raise ParseError(f"{masks_dir}: no mask PNG here holds one value per object (pixel value i = the i-th <object>); "
+                         f"e.g. {mask_file.name}: {why}. Pass masks_dir= the instance masks folder (SegmentationObject), not SegmentationClass")
+    for ann, mask_file, values, extra in wrong:
+        detail = f"values {extra} of {mask_file.name} are not objects of the XML ({len(ann.instances)} <object>s)" if extra else f"{mask_file.name} holds no object"
+        report.add('missing_mask', ann.source, detail)
+    return good
+
+# %% ../nbs/01_parsers.ipynb #185a2199
 class VOCParser(Parser):
     "Pascal VOC XML files: boxes (1-based inclusive pixels made 0-based, see `one_based`); instance masks from `SegmentationObject` PNGs."
     def __init__(self,
@@ -456,34 +527,6 @@ class VOCParser(Parser):
             if (self.images_dir/(xml.stem+ext)).exists(): return self.images_dir/(xml.stem+ext)
         return self.images_dir/(xml.stem+'.jpg')
 
-    def _check_masks(self, found):
-        "Instances whose value is not in their PNG are dropped; PNGs that hold class ids (or nothing) are refused."
-        good, wrong = [], []
-        for ann, mask_file, values in found:
-            n = len(ann.instances)
-            extra = sorted(v for v in values if v > n)
-            if extra or (n and not values): wrong.append((ann, mask_file, values, extra)); continue
-            good.append(ann)
-            kept = []
-            for i, inst in enumerate(ann.instances):
-                if i+1 in values: kept.append(inst)
-                else: self.report.add('missing_mask', ann.source, f"{inst.where} ('{inst.label}'): value {i+1} absent from {mask_file.name}")
-            ann.instances = kept
-        if wrong and not good:
-            ann, mask_file, values, extra = wrong[0]
-            names = [i.label for i in ann.instances]
-            if not values: why = "it holds no object (all pixels 0 or 255)"
-            else:
-                why = f"it has the values {sorted(values)} but {ann.source.name} has {len(names)} <object>s"
-                if all(0 < v <= len(_VOC_CLASSES) and _VOC_CLASSES[v-1] in names for v in values):
-                    why += f": they are the VOC class ids of {[_VOC_CLASSES[v-1] for v in sorted(values)]}, a class mask"
-            raise ParseError(f"{self.masks_dir}: no mask PNG here holds one value per object (pixel value i = the i-th <object>); "
-                             f"e.g. {mask_file.name}: {why}. Pass masks_dir= the instance masks folder (SegmentationObject), not SegmentationClass")
-        for ann, mask_file, values, extra in wrong:
-            detail = f"values {extra} of {mask_file.name} are not objects of the XML ({len(ann.instances)} <object>s)" if extra else f"{mask_file.name} holds no object"
-            self.report.add('missing_mask', ann.source, detail)
-        return good
-
     def annotations(self):
         xmls = sorted(self.annotations_dir.glob('*.xml'))
         if not xmls:
@@ -495,7 +538,7 @@ class VOCParser(Parser):
             root = _parse_xml(xml)
             size = root.find('size')
             size = None if size is None else (_text(size, 'width', xml, '<size>', True), _text(size, 'height', xml, '<size>', True))
-            mask_file = values = None
+            mask_file = values = mask_hw = None
             if self.masks:
                 mask_file = self.masks_dir/(xml.stem+'.png')
                 if not mask_file.is_file():
@@ -503,23 +546,12 @@ class VOCParser(Parser):
                 try: (mw, mh), values = _label_values(mask_file)
                 except Exception as e:
                     self.report.add('corrupt_image', mask_file, f"mask of {xml.name}: {type(e).__name__}: {e}"); continue
-            insts = []
-            for i, obj in enumerate(root.iter('object')):
-                where = f"<object> {i+1}"
-                name = _text(obj, 'name', xml, where)
-                bb = obj.find('bndbox')
-                if bb is None: raise ParseError(f"{xml}: {where} ('{name}') has no <bndbox>")
-                xmin, ymin, xmax, ymax = (_text(bb, t, xml, f"{where} ('{name}')", True) for t in ('xmin', 'ymin', 'xmax', 'ymax'))
-                mask = None
-                if mask_file:
-                    mask = LabelImageMask(mask_file, i+1)
-                    mask.hw = (mh, mw)  # checked against the image's size
-                box = (xmin-1, ymin-1, xmax, ymax) if self.one_based else (xmin, ymin, xmax, ymax)
-                insts.append(Instance(name, box, mask, where=where))
+                mask_hw = (mh, mw)
+            insts = _voc_objects(root, xml, mask_file, mask_hw, self.one_based)
             ann = ImageAnnotation(self._image_path(root, xml), xml.stem, insts, size, xml)
             if mask_file: found.append((ann, mask_file, values))
             else: anns.append(ann)
-        yield from (self._check_masks(found) if self.masks else anns)
+        yield from (_voc_checked_masks(found, self.report, self.masks_dir) if self.masks else anns)
 
 # %% ../nbs/01_parsers.ipynb #10a47b5f
 def _ellipse(cx, cy, rx, ry, n=24):
@@ -536,7 +568,94 @@ def _names(paths, n=3):
     names = [Path(f).name for f in paths]
     return ', '.join(names[:n]) + (f" (+{len(names)-n} more)" if len(names) > n else '')
 
-# %% ../nbs/01_parsers.ipynb #9c4e6a13
+# %% ../nbs/01_parsers.ipynb #99f66e92
+def _via_files(a) -> list:
+    "[(file, images dict)] of the VIA files `a` names: one, a list, or the VIA `*.json` of a folder (other JSON files left out)."
+    if isinstance(a, list):
+        if not a: raise ParseError("VIAParser: an empty list of annotation files")
+        paths, explicit = a, True
+    elif a.is_dir():
+        paths, explicit = sorted(a.glob('*.json')), False
+    else: paths, explicit = [a], True
+    loaded = []
+    for f in paths:
+        d = _load_json(f)
+        images = _via_images(d)
+        if images is not None: loaded.append((f, images))
+        elif explicit:
+            if isinstance(d, dict) and '_via_img_metadata' in d and not isinstance(d['_via_img_metadata'], dict):
+                raise ParseError(f"{f}: '_via_img_metadata' should be a JSON object of images")
+            if isinstance(d, dict) and ('_via_img_metadata' in d or not d): loaded.append((f, {}))  # a project or export without images
+            elif not isinstance(d, dict): raise ParseError(f"{f}: expected a VIA JSON object of images")
+            else:
+                key, entry = next((k, e) for k, e in d.items() if not (isinstance(e, dict) and 'filename' in e))
+                _need(entry, 'filename', f, f"entry '{key}'")
+        else: logger.info("%s: not a VIA 1/2 export or project, left out", f)
+    if not loaded:
+        raise ParseError(f"{a}: no VIA JSON export or project in this folder" +
+                         (f" (looked at {_names(paths)})" if paths else " (no .json file)") +
+                         "; pass the VIA file(s), a list of them, or the folder holding them (VIA 3 files are not read)")
+    return loaded
+
+def _via_merged(loaded:list, img_dir:Path) -> dict:
+    "{file name: [(VIA file, region)]}: entries for one image, in one file or several, merged; a region repeated in another file is kept once."
+    images = {}
+    for p, d in loaded:
+        for key, entry in d.items():
+            fn = _need(entry, 'filename', p, f"entry '{key}'")
+            if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"entry '{key}'['filename']", fn, f"the image's file name in {img_dir}")
+            regions = entry.get('regions')
+            if regions is None: regions = []
+            elif isinstance(regions, dict): regions = list(regions.values())  # VIA 1
+            elif not isinstance(regions, list): raise _bad(p, f"entry '{key}'['regions']", regions, "a list of regions")
+            have = images.setdefault(fn, [])
+            for r in regions:
+                if any(r == r2 and p != p2 for p2, r2 in have): logger.info("%s: a region of '%s' also in another file, kept once", p, fn); continue
+                have.append((p, r))
+    return images
+
+# %% ../nbs/01_parsers.ipynb #37f620e1
+def _via_label(attrs, label_attr:str, p:Path, where:str):
+    "The class of a region; None if it has none, False if a checkbox has several options ticked."
+    v = attrs.get(label_attr) if isinstance(attrs, dict) else None
+    if isinstance(v, dict):  # a VIA checkbox attribute: {option: true/false}
+        if not all(isinstance(on, bool) for on in v.values()):
+            raise _bad(p, f"{where} attribute '{label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
+        on = [k for k, t in v.items() if t]
+        if len(on) > 1: return False
+        v = on[0] if on else None
+    elif v is not None and (isinstance(v, (bool, list)) or not isinstance(v, (str, int, float))):
+        raise _bad(p, f"{where} attribute '{label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
+    return None if v is None or str(v).strip() == '' else str(v).strip()
+
+def _no_label_attr(files:list, label_attr:str, attr_names:set) -> ParseError:
+    "The error of a project whose regions all lack `label_attr`: the attributes they have, and `class_name=` for a single class."
+    saw = f"the attributes are {sorted(attr_names)}" if attr_names else "the regions have no attributes at all"
+    files = ', '.join(map(str, files[:3])) + (f" (+{len(files)-3} more)" if len(files) > 3 else '')
+    return ParseError(f"{files}: no region has the attribute '{label_attr}' ({saw}); for a single-class project "
+                      f"pass class_name='NAME' (CLI: --class-name NAME)" +
+                      (f", else label_attr= one of {sorted(attr_names)}" if attr_names else ''))
+
+def _via_shape(s, p:Path, where:str):
+    "(box, `PolygonMask`) of a region's `shape_attributes`: rect, polygon, circle or ellipse; (None, None) for other shapes."
+    kind = s.get('name') if isinstance(s, dict) else None
+    num = lambda k: _numbers([_need(s, k, p, where)], 1, p, f"{where}['{k}']")[0]
+    if kind == 'rect':
+        x, y, w, h = num('x'), num('y'), num('width'), num('height')
+        return (x, y, x+w, y+h), PolygonMask([[x, y, x+w, y, x+w, y+h, x, y+h]])
+    if kind == 'polygon':
+        xs, ys = _need(s, 'all_points_x', p, where, list), _need(s, 'all_points_y', p, where, list)
+        if len(xs) != len(ys): raise ParseError(f"{p}: {where}: all_points_x and all_points_y differ in length")
+        pts = np.stack([_numbers(xs, len(xs), p, f"{where}['all_points_x']"), _numbers(ys, len(ys), p, f"{where}['all_points_y']")], 1)
+        if len(pts) < 3: return None, None
+        return (*pts.min(0), *pts.max(0)), PolygonMask([pts.ravel()])
+    if kind in ('circle', 'ellipse'):
+        cx, cy = num('cx'), num('cy')
+        rx, ry = (num('r'), num('r')) if kind == 'circle' else (num('rx'), num('ry'))
+        return (cx-rx, cy-ry, cx+rx, cy+ry), PolygonMask([_ellipse(cx, cy, rx, ry)])
+    return None, None
+
+# %% ../nbs/01_parsers.ipynb #dcc49cd6
 class VIAParser(Parser):
     "VIA 1/2 JSON exports and projects (one file, several, or a folder of them): rect, polygon, circle and ellipse regions, labelled by a region attribute or all of one class."
     def __init__(self,
@@ -565,84 +684,12 @@ class VIAParser(Parser):
 
     def _load(self):
         "[(file, images dict)] of every VIA file given (one, a list, or the VIA `*.json` of a folder)."
-        a = self.annotations_file
-        if isinstance(a, list):
-            if not a: raise ParseError("VIAParser: an empty list of annotation files")
-            paths, explicit = a, True
-        elif a.is_dir():
-            paths, explicit = sorted(a.glob('*.json')), False
-        else: paths, explicit = [a], True
-        loaded = []
-        for f in paths:
-            d = _load_json(f)
-            images = _via_images(d)
-            if images is not None: loaded.append((f, images))
-            elif explicit:
-                if isinstance(d, dict) and '_via_img_metadata' in d and not isinstance(d['_via_img_metadata'], dict):
-                    raise ParseError(f"{f}: '_via_img_metadata' should be a JSON object of images")
-                if isinstance(d, dict) and ('_via_img_metadata' in d or not d): loaded.append((f, {}))  # a project or export without images
-                elif not isinstance(d, dict): raise ParseError(f"{f}: expected a VIA JSON object of images")
-                else:
-                    key, entry = next((k, e) for k, e in d.items() if not (isinstance(e, dict) and 'filename' in e))
-                    _need(entry, 'filename', f, f"entry '{key}'")
-            else: logger.info("%s: not a VIA 1/2 export or project, left out", f)
-        if not loaded:
-            raise ParseError(f"{a}: no VIA JSON export or project in this folder" +
-                             (f" (looked at {_names(paths)})" if paths else " (no .json file)") +
-                             "; pass the VIA file(s), a list of them, or the folder holding them (VIA 3 files are not read)")
+        loaded = _via_files(self.annotations_file)
         self._files = [f for f, _ in loaded]
         return loaded
 
-    def _label(self, attrs, p, where):
-        "The class of a region; None if it has none, False if a checkbox has several options ticked."
-        v = attrs.get(self.label_attr) if isinstance(attrs, dict) else None
-        if isinstance(v, dict):  # a VIA checkbox attribute: {option: true/false}
-            if not all(isinstance(on, bool) for on in v.values()):
-                raise _bad(p, f"{where} attribute '{self.label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
-            on = [k for k, t in v.items() if t]
-            if len(on) > 1: return False
-            v = on[0] if on else None
-        elif v is not None and (isinstance(v, (bool, list)) or not isinstance(v, (str, int, float))):
-            raise _bad(p, f"{where} attribute '{self.label_attr}'", v, "a class name: text, a dropdown/radio option, or a checkbox ({option: true})")
-        return None if v is None or str(v).strip() == '' else str(v).strip()
-
-    def _shape(self, s, p, where):
-        kind = s.get('name') if isinstance(s, dict) else None
-        num = lambda k: _numbers([_need(s, k, p, where)], 1, p, f"{where}['{k}']")[0]
-        if kind == 'rect':
-            x, y, w, h = num('x'), num('y'), num('width'), num('height')
-            return (x, y, x+w, y+h), PolygonMask([[x, y, x+w, y, x+w, y+h, x, y+h]])
-        if kind == 'polygon':
-            xs, ys = _need(s, 'all_points_x', p, where, list), _need(s, 'all_points_y', p, where, list)
-            if len(xs) != len(ys): raise ParseError(f"{p}: {where}: all_points_x and all_points_y differ in length")
-            pts = np.stack([_numbers(xs, len(xs), p, f"{where}['all_points_x']"), _numbers(ys, len(ys), p, f"{where}['all_points_y']")], 1)
-            if len(pts) < 3: return None, None
-            return (*pts.min(0), *pts.max(0)), PolygonMask([pts.ravel()])
-        if kind in ('circle', 'ellipse'):
-            cx, cy = num('cx'), num('cy')
-            rx, ry = (num('r'), num('r')) if kind == 'circle' else (num('rx'), num('ry'))
-            return (cx-rx, cy-ry, cx+rx, cy+ry), PolygonMask([_ellipse(cx, cy, rx, ry)])
-        return None, None
-
-    def _merged(self):
-        "{file name: [(VIA file, region)]}: entries for one image, in one file or several, merged; a region repeated in another file is kept once."
-        images = {}
-        for p, d in self._load():
-            for key, entry in d.items():
-                fn = _need(entry, 'filename', p, f"entry '{key}'")
-                if not isinstance(fn, str) or not fn.strip(): raise _bad(p, f"entry '{key}'['filename']", fn, f"the image's file name in {self.img_dir}")
-                regions = entry.get('regions')
-                if regions is None: regions = []
-                elif isinstance(regions, dict): regions = list(regions.values())  # VIA 1
-                elif not isinstance(regions, list): raise _bad(p, f"entry '{key}'['regions']", regions, "a list of regions")
-                have = images.setdefault(fn, [])
-                for r in regions:
-                    if any(r == r2 and p != p2 for p2, r2 in have): logger.info("%s: a region of '%s' also in another file, kept once", p, fn); continue
-                    have.append((p, r))
-        return images
-
     def annotations(self):
-        images = self._merged()
+        images = _via_merged(self._load(), self.img_dir)
         self.report.source = self.source
         several = len(self._files) > 1
         seen_attr, seen_region, attr_names = False, False, set()
@@ -658,22 +705,17 @@ class VIAParser(Parser):
                     attr_names.update(map(str, attrs))
                     seen_attr |= self.label_attr in attrs
                 shape = r.get('shape_attributes')
-                box, mask = self._shape(shape, p, where)
+                box, mask = _via_shape(shape, p, where)
                 if box is None:
                     self.report.add('unsupported_shape', self.img_dir/fn, f"{_short(shape.get('name') if isinstance(shape, dict) else shape)} ({where})"); continue
-                label = self.class_name or self._label(attrs, p, where)
+                label = self.class_name or _via_label(attrs, self.label_attr, p, where)
                 if label is False:
                     on = [k for k, t in attrs[self.label_attr].items() if t]
                     self.report.add('ambiguous_label', self.img_dir/fn, f"'{self.label_attr}' has {on} ticked ({where})"); continue
                 if label is None: self.report.add('missing_label', self.img_dir/fn, f"no '{self.label_attr}' ({where})"); continue
                 insts.append(Instance(label, box, mask if self.masks else None, where=where))
             yield ImageAnnotation(self.img_dir/fn, Path(fn).stem, insts, None, files[0] if len(files) == 1 else (files or self._files)[0])
-        if self.class_name is None and seen_region and not seen_attr:
-            saw = f"the attributes are {sorted(attr_names)}" if attr_names else "the regions have no attributes at all"
-            files = ', '.join(map(str, self._files[:3])) + (f" (+{len(self._files)-3} more)" if len(self._files) > 3 else '')
-            raise ParseError(f"{files}: no region has the attribute '{self.label_attr}' ({saw}); for a single-class project "
-                             f"pass class_name='NAME' (CLI: --class-name NAME)" +
-                             (f", else label_attr= one of {sorted(attr_names)}" if attr_names else ''))
+        if self.class_name is None and seen_region and not seen_attr: raise _no_label_attr(self._files, self.label_attr, attr_names)
 
 # %% ../nbs/01_parsers.ipynb #a9ec4916
 _CSV_NAMES = {
@@ -683,7 +725,28 @@ _CSV_NAMES = {
     'xywh': (('x', 'y', 'w', 'h'), ('x', 'y', 'width', 'height'), ('left', 'top', 'width', 'height'), ('bbox_x', 'bbox_y', 'bbox_w', 'bbox_h')),
 }
 
-# %% ../nbs/01_parsers.ipynb #c9459cf1
+# %% ../nbs/01_parsers.ipynb #19c414f9
+def _csv_columns(p:Path, header:list, columns:dict=None) -> tuple:
+    "`(file name column, label column or None, box columns, whether they are x/y/w/h)` of CSV file `p`: from `columns`, else by the header's names."
+    low = {h.strip().lower(): h for h in header if h is not None}
+    if columns:
+        missing = [c for c in columns.values() if c not in header]
+        if missing: raise ParseError(f"{p}: columns {missing} not in the header {header}")
+        c = columns
+        if all(k in c for k in ('xmin', 'ymin', 'xmax', 'ymax')): return c['filename'], c.get('label'), [c[k] for k in ('xmin', 'ymin', 'xmax', 'ymax')], False
+        if all(k in c for k in ('x', 'y', 'w', 'h')): return c['filename'], c.get('label'), [c[k] for k in ('x', 'y', 'w', 'h')], True
+        raise ParseError(f"{p}: columns= needs 'filename' and either xmin/ymin/xmax/ymax or x/y/w/h keys")
+    pick = lambda names: next((low[n] for n in names if n in low), None)
+    fn, label = pick(_CSV_NAMES['filename']), pick(_CSV_NAMES['label'])
+    for group, xywh in [(g, False) for g in _CSV_NAMES['xyxy']] + [(g, True) for g in _CSV_NAMES['xywh']]:
+        if all(n in low for n in group): box = [low[n] for n in group]; break
+    else: box = None
+    if fn is None or box is None:
+        raise ParseError(f"{p}: cannot tell which columns hold the {'image file name' if fn is None else 'box'}; "
+                         f"header is {header}; pass columns={{'filename': ..., 'label': ..., 'xmin': ..., 'ymin': ..., 'xmax': ..., 'ymax': ...}}")
+    return fn, label, box, xywh
+
+# %% ../nbs/01_parsers.ipynb #4a230d0d
 class CSVParser(Parser):
     "One row per box (rows with empty box fields are images without boxes); common headers recognised, or `columns=`; 0-based pixels as written (see `one_based`)."
     def __init__(self,
@@ -702,25 +765,6 @@ class CSVParser(Parser):
 
     @property
     def source(self): return f"CSVParser({self.csv_file.name})"
-    def _resolve(self, header):
-        p, low = self.csv_file, {h.strip().lower(): h for h in header if h is not None}
-        if self.columns:
-            missing = [c for c in self.columns.values() if c not in header]
-            if missing: raise ParseError(f"{p}: columns {missing} not in the header {header}")
-            c = self.columns
-            if all(k in c for k in ('xmin', 'ymin', 'xmax', 'ymax')): return c['filename'], c.get('label'), [c[k] for k in ('xmin', 'ymin', 'xmax', 'ymax')], False
-            if all(k in c for k in ('x', 'y', 'w', 'h')): return c['filename'], c.get('label'), [c[k] for k in ('x', 'y', 'w', 'h')], True
-            raise ParseError(f"{p}: columns= needs 'filename' and either xmin/ymin/xmax/ymax or x/y/w/h keys")
-        pick = lambda names: next((low[n] for n in names if n in low), None)
-        fn, label = pick(_CSV_NAMES['filename']), pick(_CSV_NAMES['label'])
-        for group, xywh in [(g, False) for g in _CSV_NAMES['xyxy']] + [(g, True) for g in _CSV_NAMES['xywh']]:
-            if all(n in low for n in group): box = [low[n] for n in group]; break
-        else: box = None
-        if fn is None or box is None:
-            raise ParseError(f"{p}: cannot tell which columns hold the {'image file name' if fn is None else 'box'}; "
-                             f"header is {header}; pass columns={{'filename': ..., 'label': ..., 'xmin': ..., 'ymin': ..., 'xmax': ..., 'ymax': ...}}")
-        return fn, label, box, xywh
-
     def annotations(self):
         p = self.csv_file
         text = _decode(p, _read_bytes(p, 'CSV file'), 'CSV file')
@@ -729,7 +773,7 @@ class CSVParser(Parser):
             try: header = reader.fieldnames
             except csv.Error as e: raise ParseError(f"{p}: unreadable CSV header: {e}") from None
             if not header: raise ParseError(f"{p}: empty file, expected a header row")
-            fn_col, label_col, box_cols, xywh = self._resolve(header)
+            fn_col, label_col, box_cols, xywh = _csv_columns(p, header, self.columns)
             images, order = {}, []
             try:
                 for row in reader:
