@@ -91,7 +91,38 @@ def coco_backend(name:str='pycocotools') -> tuple:
         return COCO, lambda gt, dt, kind: COCOeval_faster(gt, dt, kind, print_function=lambda *a: None)
     raise ValueError(f"backend {name!r}: 'pycocotools' or 'faster_coco_eval'")
 
-# %% ../nbs/08_metrics.ipynb #b51aaf51
+# %% ../nbs/08_metrics.ipynb #19a1a2e6
+def _no_results(gt):
+    "pycocotools' results object without a detection (its `loadRes([])` raises)."
+    dt = type(gt)()
+    dt.dataset = {'images': gt.dataset['images'], 'categories': gt.dataset['categories'], 'annotations': []}
+    dt.createIndex()
+    return dt
+
+def _per_class_figures(E, class_map:ClassMap, instances:dict) -> dict:
+    "AP, AP50 and AR100 of each class (all areas, 100 detections) from `COCOeval` `E`, and its ground-truth count (`instances`); NaN without ground truth."
+    t50 = int(np.argmin(np.abs(E.params.iouThrs - 0.5)))
+    mean = lambda a: float(a[a > -1].mean()) if (a > -1).any() else float('nan')
+    res = {}
+    for k, cat in enumerate(E.params.catIds):
+        name = class_map.get_name(class_map.from_source_id(cat))
+        p, r = E.eval['precision'][:, :, k, 0, -1], E.eval['recall'][:, k, 0, -1]  # IoUs x recall points, IoUs
+        res[name] = {'AP': mean(p), 'AP50': mean(p[t50]), 'AR100': mean(r), 'instances': instances[name]}
+    return res
+
+def _pr_curves(E, class_map:ClassMap, iou:float=0.5) -> dict:
+    "Per class with ground truth: precision and score at COCO's 101 recall points of evaluated `COCOeval` `E`, IoU `iou`, 100 detections."
+    t = np.flatnonzero(np.isclose(E.params.iouThrs, iou))
+    if not len(t): raise ValueError(f"iou={iou}: COCO evaluates at IoU {np.round(E.params.iouThrs, 2).tolist()}")
+    res = {}
+    for k, cat in enumerate(E.params.catIds):
+        p = E.eval['precision'][t[0], :, k, 0, -1]
+        if (p < 0).all(): continue  # no ground truth of this class
+        res[class_map.get_name(class_map.from_source_id(cat))] = {
+            'recall': E.params.recThrs.copy(), 'precision': p.copy(), 'score': E.eval['scores'][t[0], :, k, 0, -1].copy()}
+    return res
+
+# %% ../nbs/08_metrics.ipynb #1bd02249
 class COCOEvaluator:
     "pycocotools' COCO evaluation of detections against `records`: boxes, and masks when `masks=True`."
     def __init__(self,
@@ -113,50 +144,24 @@ class COCOEvaluator:
     @property
     def kinds(self) -> list: return ['bbox'] + (['segm'] if self.masks else [])
 
-    def _no_results(self):
-        "pycocotools' results object without a detection (its `loadRes([])` raises)."
-        dt = type(self.gt)()
-        dt.dataset = {'images': self.gt.dataset['images'], 'categories': self.gt.dataset['categories'], 'annotations': []}
-        dt.createIndex()
-        return dt
-
     def evaluate(self, results:list) -> dict:
         "The 12 COCO figures of `results` for boxes (`COCO_FIGURES`), and for masks (`mask_...`); per class in `per_class`."
         out = {}
         with contextlib.redirect_stdout(io.StringIO()):
             # loadRes only adds keys to each result: a shallow copy keeps ours intact
-            dt = self.gt.loadRes([dict(r) for r in results]) if results else self._no_results()
+            dt = self.gt.loadRes([dict(r) for r in results]) if results else _no_results(self.gt)
             for kind in self.kinds:
                 E = self._COCOeval(self.gt, dt, kind)
                 E.evaluate(); E.accumulate(); E.summarize()
                 out.update({('' if kind == 'bbox' else 'mask_') + k: _defined(v) for k, v in zip(COCO_FIGURES, E.stats)})
-                self.evals[kind], self.per_class[kind] = E, self._per_class(E)
+                self.evals[kind], self.per_class[kind] = E, _per_class_figures(E, self.class_map, self.instances)
         return out
-
-    def _per_class(self, E) -> dict:
-        "AP, AP50 and AR100 of each class (all areas, 100 detections) and its ground-truth count; NaN without ground truth."
-        t50 = int(np.argmin(np.abs(E.params.iouThrs - 0.5)))
-        mean = lambda a: float(a[a > -1].mean()) if (a > -1).any() else float('nan')
-        res = {}
-        for k, cat in enumerate(E.params.catIds):
-            name = self.class_map.get_name(self.class_map.from_source_id(cat))
-            p, r = E.eval['precision'][:, :, k, 0, -1], E.eval['recall'][:, k, 0, -1]  # IoUs x recall points, IoUs
-            res[name] = {'AP': mean(p), 'AP50': mean(p[t50]), 'AR100': mean(r), 'instances': self.instances[name]}
-        return res
 
     def pr_curves(self, kind:str='bbox', iou:float=0.5) -> dict:
         "Per class with ground truth: precision and score at COCO's 101 recall points, IoU `iou`, 100 detections (last `evaluate`)."
         E = self.evals.get(kind)
         if E is None: raise ValueError(f"no '{kind}' evaluation yet: call evaluate(results) first")
-        t = np.flatnonzero(np.isclose(E.params.iouThrs, iou))
-        if not len(t): raise ValueError(f"iou={iou}: COCO evaluates at IoU {np.round(E.params.iouThrs, 2).tolist()}")
-        res = {}
-        for k, cat in enumerate(E.params.catIds):
-            p = E.eval['precision'][t[0], :, k, 0, -1]
-            if (p < 0).all(): continue  # no ground truth of this class
-            res[self.class_map.get_name(self.class_map.from_source_id(cat))] = {
-                'recall': E.params.recThrs.copy(), 'precision': p.copy(), 'score': E.eval['scores'][t[0], :, k, 0, -1].copy()}
-        return res
+        return _pr_curves(E, self.class_map, iou)
 
 # %% ../nbs/08_metrics.ipynb #1a211925
 def evaluate_detections(

@@ -68,7 +68,34 @@ def efficientdet_config(model_name:str=None, backbone:str=None, img_size=None, n
     if num_classes is not None: cfg.num_classes = num_classes
     return cfg
 
-# %% ../../nbs/07_models.efficientdet.ipynb #b5f16ade
+# %% ../../nbs/07_models.efficientdet.ipynb #972eb0d7
+def _effdet_targets(targets:list, device) -> tuple:
+    "effdet's targets of a batch: yxyx `bbox` (N, M, 4) and `cls` (N, M), padded with -1 labels (which effdet ignores) to the most boxes."
+    n = max([len(t['boxes']) for t in targets] + [1])
+    bbox = torch.zeros(len(targets), n, 4, device=device)
+    cls = torch.full((len(targets), n), -1., device=device)  # effdet ignores labels <= -1
+    for i, t in enumerate(targets):
+        k = len(t['boxes'])
+        if k: bbox[i, :k] = t['boxes'].to(device).float()[:, [1, 0, 3, 2]]; cls[i, :k] = t['labels'].to(device).float()
+    return bbox, cls
+
+def _effdet_padded(b, class_out, box_out, detection_points:int) -> tuple:
+    "`EfficientDetModel.padded` for effdet bench `b`: decode the `detection_points` best candidates per image, one NMS per image and class for the whole batch."
+    from effdet.bench import _post_process
+    from effdet.anchors import decode_box_outputs
+    from torchvision.ops import nms
+    c, bx, idx, cls = _post_process(class_out, box_out, num_levels=b.num_levels, num_classes=b.num_classes,
+                                    max_detection_points=detection_points)
+    n, k = idx.shape
+    boxes = decode_box_outputs(bx.reshape(-1, 4).float(), b.anchors.boxes[idx.reshape(-1)], output_xyxy=True)
+    scores = c.reshape(-1).float().sigmoid()
+    groups = (torch.arange(n, device=idx.device)[:, None] * b.num_classes + cls).reshape(-1)  # one NMS group per image and class
+    keep = nms(boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None], scores, 0.5)
+    kept = torch.full_like(scores, -1.).scatter(0, keep, scores[keep]).view(n, k)
+    top, order = kept.topk(min(b.max_det_per_image, k), dim=1)
+    return (boxes.view(n, k, 4).gather(1, order[..., None].expand(-1, -1, 4)), top.clamp(min=0), cls.gather(1, order) + 1)
+
+# %% ../../nbs/07_models.efficientdet.ipynb #529ca5b1
 class EfficientDetModel(nn.Module):
     "EfficientDet with torchvision's detector interface and icefast's protocol; normalization, yxyx boxes and anchors stay inside."
     loss_names, predicts_masks = ('class_loss', 'box_loss'), False
@@ -94,38 +121,16 @@ class EfficientDetModel(nn.Module):
         "Candidates kept before NMS: effdet's `max_detection_points`, at most anchors x classes (one class on a small image has fewer)."
         return min(self.bench.max_detection_points, len(self.bench.anchors.boxes) * self.bench.num_classes)
 
-    def _targets(self, targets, device):
-        n = max([len(t['boxes']) for t in targets] + [1])
-        bbox = torch.zeros(len(targets), n, 4, device=device)
-        cls = torch.full((len(targets), n), -1., device=device)  # effdet ignores labels <= -1
-        for i, t in enumerate(targets):
-            k = len(t['boxes'])
-            if k: bbox[i, :k] = t['boxes'].to(device).float()[:, [1, 0, 3, 2]]; cls[i, :k] = t['labels'].to(device).float()
-        return bbox, cls
-
     def loss_dict(self, class_out, box_out, targets, device):
         "effdet's focal and box losses; their sum is effdet's loss."
         b = self.bench
-        cls_t, box_t, n_pos = b.anchor_labeler.batch_label_anchors(*self._targets(targets, device))
+        cls_t, box_t, n_pos = b.anchor_labeler.batch_label_anchors(*_effdet_targets(targets, device))
         loss, class_loss, box_loss = b.loss_fn(class_out, box_out, cls_t, box_t, n_pos)
         return {'class_loss': class_loss, 'box_loss': loss - class_loss}
 
     def padded(self, class_out, box_out) -> tuple:
         "xyxy `boxes` (N, D, 4), `scores` (N, D) and `labels` (N, D) of a batch, score 0 where fewer than D: one NMS for all images, no loop."
-        from effdet.bench import _post_process
-        from effdet.anchors import decode_box_outputs
-        from torchvision.ops import nms
-        b = self.bench
-        c, bx, idx, cls = _post_process(class_out, box_out, num_levels=b.num_levels, num_classes=b.num_classes,
-                                        max_detection_points=self.detection_points)
-        n, k = idx.shape
-        boxes = decode_box_outputs(bx.reshape(-1, 4).float(), b.anchors.boxes[idx.reshape(-1)], output_xyxy=True)
-        scores = c.reshape(-1).float().sigmoid()
-        groups = (torch.arange(n, device=idx.device)[:, None] * b.num_classes + cls).reshape(-1)  # one NMS group per image and class
-        keep = nms(boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None], scores, 0.5)
-        kept = torch.full_like(scores, -1.).scatter(0, keep, scores[keep]).view(n, k)
-        top, order = kept.topk(min(b.max_det_per_image, k), dim=1)
-        return (boxes.view(n, k, 4).gather(1, order[..., None].expand(-1, -1, 4)), top.clamp(min=0), cls.gather(1, order) + 1)
+        return _effdet_padded(self.bench, class_out, box_out, self.detection_points)
 
     def padded_detections(self, images) -> tuple:
         "The protocol's batched form (what an export holds): `padded` detections of `images` (N, 3, H, W) in 0-1."
