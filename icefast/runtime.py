@@ -66,6 +66,7 @@ def _window(taps:tuple, start:int, stop:int) -> tuple:
     a, b = int(np.searchsorted(hi, start)), int(np.searchsorted(lo, stop))
     return a, b, lo[a:b] - start + 1, hi[a:b] - start + 1, w[a:b]
 
+# %% ../nbs/09a_runtime.ipynb #ea5ce59b
 def paste_roi_masks(
     masks:np.ndarray, # (D, M, M) probabilities, each over its box (a graph's `masks` in the 'roi' format)
     boxes:np.ndarray, # (D, 4) xyxy on the letterboxed image, as the graph gives them
@@ -134,6 +135,34 @@ def read_header(path) -> dict:
     if not text: raise ValueError(f"{path}: a {fmt} file without icefast's header; export it with learn.export_{fmt}() or icefast export")
     return json.loads(text)
 
+# %% ../nbs/09a_runtime.ipynb #740b6a7d
+def _onnx_session(path:Path, device:str, providers:list=None, threads:int=None) -> tuple:
+    "An onnxruntime session of exported file `path` (providers from `device` unless given) and its header."
+    try: import onnxruntime as ort
+    except ImportError: raise ImportError('running an ONNX export needs onnxruntime: pip install "icefast[export]"') from None
+    opts = ort.SessionOptions()
+    if threads: opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # no warnings about shapes that the graph's masks make dynamic
+    providers = providers or (['CUDAExecutionProvider', 'CPUExecutionProvider'] if device.startswith('cuda') else ['CPUExecutionProvider'])
+    try: session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e: raise ValueError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:200]})") from None
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if not text: raise ValueError(f"{path}: an ONNX file without icefast's header; export it with learn.export_onnx() or icefast export")
+    return session, json.loads(text)
+
+def _torchscript_module(path:Path, device:str) -> tuple:
+    "The TorchScript module of exported file `path` on `device`, in eval mode, and its header."
+    import torch
+    try: import torchvision  # noqa: F401 (registers the NMS and RoIAlign ops the graph calls)
+    except ImportError: raise ImportError("running a TorchScript export needs torch and torchvision") from None
+    extra = {METADATA_KEY + '.json': ''}
+    try: module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as e: raise ValueError(f"{path}: torch cannot load it as TorchScript ({type(e).__name__}: {str(e)[:200]})") from None
+    if not extra[METADATA_KEY + '.json']: raise ValueError(f"{path}: a TorchScript file without icefast's header")
+    header = json.loads(extra[METADATA_KEY + '.json'])
+    module.eval()
+    return module, header
+
 # %% ../nbs/09a_runtime.ipynb #c2321157
 class ExportedDetector:
     "A detector exported by icefast, run with onnxruntime or TorchScript: `predict` and `detect` as `learn.predict` gives them."
@@ -145,8 +174,8 @@ class ExportedDetector:
     ):
         self.path, self.format, self.device = Path(path), export_format(path), device
         if not self.path.is_file(): raise FileNotFoundError(f"{self.path}: no such exported detector")
-        if self.format == 'onnx': self._load_onnx(providers, threads)
-        else: self._load_torchscript()
+        if self.format == 'onnx': self.session, self.header = _onnx_session(self.path, device, providers, threads)
+        else: self.module, self.header = _torchscript_module(self.path, device)
         h = self.header
         if h.get('format_version', 0) > FORMAT_VERSION:
             raise ValueError(f"{self.path}: exported by a newer icefast (header version {h['format_version']}); upgrade icefast")
@@ -156,30 +185,6 @@ class ExportedDetector:
         self.mask_format = h.get('mask_format', 'image') if self.masks else None  # version 1 files pasted in the graph
         if self.masks and self.mask_format not in MASK_FORMATS:
             raise ValueError(f"{self.path}: masks in an unknown format {self.mask_format!r} (known: {', '.join(MASK_FORMATS)}); upgrade icefast")
-
-    def _load_onnx(self, providers, threads):
-        try: import onnxruntime as ort
-        except ImportError: raise ImportError('running an ONNX export needs onnxruntime: pip install "icefast[export]"') from None
-        opts = ort.SessionOptions()
-        if threads: opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3  # no warnings about shapes that the graph's masks make dynamic
-        providers = providers or (['CUDAExecutionProvider', 'CPUExecutionProvider'] if self.device.startswith('cuda') else ['CPUExecutionProvider'])
-        try: self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as e: raise ValueError(f"{self.path}: onnxruntime cannot load it ({type(e).__name__}: {str(e)[:200]})") from None
-        text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if not text: raise ValueError(f"{self.path}: an ONNX file without icefast's header; export it with learn.export_onnx() or icefast export")
-        self.header = json.loads(text)
-
-    def _load_torchscript(self):
-        import torch
-        try: import torchvision  # noqa: F401 (registers the NMS and RoIAlign ops the graph calls)
-        except ImportError: raise ImportError("running a TorchScript export needs torch and torchvision") from None
-        extra = {METADATA_KEY + '.json': ''}
-        try: self.module = torch.jit.load(str(self.path), map_location=self.device, _extra_files=extra)
-        except Exception as e: raise ValueError(f"{self.path}: torch cannot load it as TorchScript ({type(e).__name__}: {str(e)[:200]})") from None
-        if not extra[METADATA_KEY + '.json']: raise ValueError(f"{self.path}: a TorchScript file without icefast's header")
-        self.header = json.loads(extra[METADATA_KEY + '.json'])
-        self.module.eval()
 
     def __repr__(self): return f"ExportedDetector({self.path.name}: {self.header.get('arch')}, {len(self.class_map)-1} classes, {self.size}, {self.format})"
 
