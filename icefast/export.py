@@ -92,12 +92,14 @@ def write_onnx(graph:ExportGraph, example:torch.Tensor, path, header:dict, opset
     set_header(path, header)
     return Path(path)
 
+# %% ../nbs/09b_export.ipynb #67f32ab0
 def write_torchscript(graph:ExportGraph, example:torch.Tensor, path, header:dict) -> Path:
     "Trace `graph` on `example` and save it as TorchScript at `path`, the header as its extra file `icefast.json`."
     with _quiet(), torch.no_grad(): traced = torch.jit.trace(graph, (example,), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + '.json': json.dumps(header)})
     return Path(path)
 
+# %% ../nbs/09b_export.ipynb #d93096d2
 def set_header(path, header:dict):
     "Write `header` into an exported file (replacing the one it has)."
     if export_format(path) == 'onnx':
@@ -116,6 +118,7 @@ TOLERANCES = dict(box_px=0.5, score=0.01, unmatched=0.02, mAP=0.005)
 class ExportMismatch(UserWarning):
     "An exported detector's predictions differ from the PyTorch model's beyond `TOLERANCES`."
 
+# %% ../nbs/09b_export.ipynb #8b5850cd
 def _iou(a:np.ndarray, b:np.ndarray) -> np.ndarray:
     lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(-1)
@@ -179,6 +182,7 @@ def verify_export(
         warnings.warn(f"{Path(path).name} does not predict as the PyTorch model does: {'; '.join(rep['problems'])}", ExportMismatch)
     return rep
 
+# %% ../nbs/09b_export.ipynb #688906d7
 def export_problems(rep:dict, tol:dict=None) -> list:
     "What in a verification report goes beyond `TOLERANCES`."
     tol, out = {**TOLERANCES, **(tol or {})}, []
@@ -191,6 +195,7 @@ def export_problems(rep:dict, tol:dict=None) -> list:
         if not (math.isnan(a) and math.isnan(b)) and not abs(a - b) <= tol['mAP']: out.append(f"{k} {b:.4f} exported, {a:.4f} in PyTorch")
     return out
 
+# %% ../nbs/09b_export.ipynb #8fd3e86d
 def verification_summary(rep:dict, name:str='the export') -> str:
     "One paragraph of a verification report."
     s = (f"{name} verified on {rep['n_images']} images: {rep['matched']} of {rep['detections']} detections "
@@ -210,6 +215,7 @@ def _example(model, records:list, size) -> torch.Tensor:
     raise ValueError(f"the model detects nothing in any of the {len(records)} example images, and a trace of an empty result "
                      "can only ever return nothing: train it first, or give records= with images it detects objects in")
 
+# %% ../nbs/09b_export.ipynb #62a497ad
 def export_model(
     learn, # A trained `DetectionLearner` (or one loaded with `load_learner`)
     path, # Where to write: an `.onnx` or `.torchscript` file
@@ -240,6 +246,7 @@ def export_model(
         rep.update(header['verification'])
     return rep
 
+# %% ../nbs/09b_export.ipynb #676b7b8d
 @patch
 def export_onnx(self:DetectionLearner, path='model.onnx', records=None, n_images:int=20, opset:int=17) -> dict:
     "Export the model to ONNX (onnxruntime runs it: `icefast.runtime.load_exported`), verified on `n_images` validation images."
