@@ -194,6 +194,22 @@ def _device_of_process():
     if dist.get_backend() == 'nccl': return torch.device('cuda', int(os.environ.get('LOCAL_RANK', torch.cuda.current_device())))
     return torch.device('cpu')
 
+def _mute_rank0_only(learn):
+    "On ranks other than 0, for a fit: no logger, bars, progress lines, CSV, run-log or checkpoint files (fastai turns `run` back on after); returns the logger."
+    for cb in learn.cbs:
+        if type(cb).__name__ in _RANK0_ONLY or isinstance(cb, RunLog) or getattr(cb, 'rank0_only', False): cb.run = False
+    old, learn.logger = learn.logger, (lambda *a, **k: None)
+    return old
+
+def _sum_over_processes(mets:list, world:int):
+    "Each metric of `mets` (fastai's, with `total` and `count`) summed over the `world` processes, in place: its value is then the whole set's."
+    parts = [None] * world
+    dist.all_gather_object(parts, [(float(m.total), float(m.count)) for m in mets])
+    for i, m in enumerate(mets):
+        total, count = sum(p[i][0] for p in parts), sum(p[i][1] for p in parts)
+        m.total = type(m.total)(total) if isinstance(m.total, (int, float)) else torch.as_tensor(total, dtype=m.total.dtype)
+        m.count = count if isinstance(m.count, float) else int(count)
+
 # %% ../nbs/09c_distributed.ipynb #4f8f2500
 class DistributedDetection(Callback):
     "Train with torch DDP over the process group: sharded loaders, validation counting each image once, rank-0-only output."
@@ -216,18 +232,11 @@ class DistributedDetection(Callback):
         self.learn.model = self.ddp
         self.old_loaders = list(self.dls.loaders)
         self.learn.dls.loaders = [self._shard(dl, pad=i == 0) for i, dl in enumerate(self.old_loaders)]
-        self._muted = self._mute_others() if self.rank else None
+        self._muted = _mute_rank0_only(self.learn) if self.rank else None
 
     def _shard(self, dl, pad:bool):
         if isinstance(dl, ShardedDL) or not isinstance(dl, TfmdDL): return dl
         return ShardedDL.from_dl(dl, self.rank, self.world, pad=pad, device=self.device)
-
-    def _mute_others(self):
-        "On ranks other than 0, for this fit: no logger, bars, progress lines, CSV, run-log or checkpoint files (fastai turns `run` back on after)."
-        for cb in self.learn.cbs:
-            if type(cb).__name__ in _RANK0_ONLY or isinstance(cb, RunLog) or getattr(cb, 'rank0_only', False): cb.run = False
-        old, self.learn.logger = self.learn.logger, (lambda *a, **k: None)
-        return old
 
     def before_train(self):
         self.learn.model = self.ddp
@@ -242,13 +251,8 @@ class DistributedDetection(Callback):
 
     def after_validate(self):
         "The averaged metrics (valid loss, loss parts) over every process's images, before the Recorder reads them."
-        mets = [m for m in [self.learn.recorder.loss, *self.learn.metrics] if hasattr(m, 'total') and hasattr(m, 'count')]
-        parts = [None] * self.world
-        dist.all_gather_object(parts, [(float(m.total), float(m.count)) for m in mets])
-        for i, m in enumerate(mets):
-            total, count = sum(p[i][0] for p in parts), sum(p[i][1] for p in parts)
-            m.total = type(m.total)(total) if isinstance(m.total, (int, float)) else torch.as_tensor(total, dtype=m.total.dtype)
-            m.count = count if isinstance(m.count, float) else int(count)
+        _sum_over_processes([m for m in [self.learn.recorder.loss, *self.learn.metrics] if hasattr(m, 'total') and hasattr(m, 'count')],
+                            self.world)
 
     def after_fit(self):
         broadcast_buffers(self.module)  # every process ends with rank 0's model
@@ -301,6 +305,7 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
+# %% ../nbs/09c_distributed.ipynb #b2450bc5
 def _run_rank(rank, fn, args, kwargs, nproc, device, threads, folder):
     "One launched process: join the group (NCCL on its GPU, else gloo), run `fn`, leave its result in `folder`."
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
