@@ -47,6 +47,7 @@ class DetectionLoss:
         self.parts = {k: v.detach() for k, v in losses.items()}
         return sum(losses.values())
 
+# %% ../nbs/09_learner.ipynb #63a9cf8a
 class LossPart(Metric):
     "One component of the detector's loss, averaged over the validation set."
     def __init__(self, key:str): self.key = key
@@ -85,6 +86,7 @@ def to_original(det:dict, record, hw) -> dict:
         out['masks'] = (F.interpolate(m[None], size=(h, w), mode='bilinear', align_corners=False)[0] > 0.5).to(torch.uint8).cpu() if len(m) else torch.zeros(0, h, w, dtype=torch.uint8)
     return out
 
+# %% ../nbs/09_learner.ipynb #d8a03548
 def _gather_results(results:list) -> list:
     "Under distributed validation, every process's COCO results, in every process (each image once, should a loader pad shards with repeats)."
     import torch.distributed as dist
@@ -98,6 +100,7 @@ def _gather_results(results:list) -> list:
         seen |= ids
     return out
 
+# %% ../nbs/09_learner.ipynb #f2c71bda
 class BatchTargets:
     "A batch's targets as fastai's bookkeeping sees them: `shape[0]` is the number of images (its `find_bs` would count boxes)."
     def __init__(self, targets:list): self.targets = targets
@@ -107,6 +110,7 @@ class BatchTargets:
     def __iter__(self): return iter(self.targets)
     def __getitem__(self, i): return self.targets[i]
 
+# %% ../nbs/09_learner.ipynb #2ea31fb2
 class DetectionAdapter(Callback):
     "Batches to detector calls and back: loss-side targets in, loss dict and detections out, COCO results per epoch."
     order, name = -10, 'detection'
@@ -253,6 +257,7 @@ def loss_parts(model) -> list:
     "Metrics showing each component of `model`'s validation loss (the protocol's `loss_names`)."
     return [LossPart(n) for n in getattr(model, 'loss_names', ())]
 
+# %% ../nbs/09_learner.ipynb #3ce44425
 def param_groups_of(model) -> list:
     "fastai splitter: the model's own parameter groups (one group for a module that declares none)."
     groups = getattr(model, 'param_groups', None)
@@ -262,6 +267,7 @@ def is_pretrained(model) -> bool:
     "Whether `model` was built with pretrained weights (whole detector or backbone); unknown user modules count as pretrained."
     return bool(getattr(model, 'icefast_pretrained', True))
 
+# %% ../nbs/09_learner.ipynb #5cad6d73
 # fine_tune's defaults for a detector that declares none (a user's own module), chosen by measurement (see the notebook):
 # fastai's Adam and one-cycle, every layer at one rate from the start, with pretrained weights or without (a detector's
 # backbone must move much more than a classifier's, and a frozen epoch at the heads' rate cost accuracy); from scratch
@@ -274,6 +280,7 @@ def fine_tune_defaults(model, pretrained:bool=None) -> dict:
     own = getattr(model, 'fine_tune_defaults', None)
     return {**FINE_TUNE_DEFAULTS[bool(pretrained)], **(own(pretrained) if callable(own) else {})}
 
+# %% ../nbs/09_learner.ipynb #4c473311
 class DetectionMixedPrecision(MixedPrecision):
     "fastai's `MixedPrecision` on the device the model trains on: CUDA fp16 (with a grad scaler) or bf16; CPU bf16, or fp32 for fp16."
     name = 'mixed_precision'
@@ -287,6 +294,7 @@ class DetectionMixedPrecision(MixedPrecision):
         else: self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
         self.learn.scaler, self.scales = torch.amp.GradScaler('cpu', enabled=False), []
 
+# %% ../nbs/09_learner.ipynb #123633c3
 def _as_record(item):
     "The record of a `test_dl` item; an image in memory gets one without annotations, for its size."
     from icefast.core import Record
@@ -296,6 +304,7 @@ def _skip(start_epoch:int) -> dict:
     "fastai's `start_epoch` argument when epochs are to be skipped (none otherwise, so that fit calls stay fastai's own)."
     return {'start_epoch': start_epoch} if start_epoch > 0 else {}
 
+# %% ../nbs/09_learner.ipynb #1f040437
 class DetectionLearner(Learner):
     "A fastai `Learner` whose `get_preds`, `predict` and `show_results` speak detections in the original images' pixels."
     def __setstate__(self, state):
@@ -436,12 +445,14 @@ class DetectionLearner(Learner):
         "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
         return DetectionInterpretation.from_learner(self, ds_idx, with_losses=True).plot_top_losses(k, threshold, figsize)
 
+# %% ../nbs/09_learner.ipynb #d4e28864
 class ValidationResults(list):
     "What `validate` returns: fastai's list (the loss, then `learn.metrics`), with all COCO `figures` and the `per_class` table."
     def __init__(self, values, figures:dict, per_class):
         super().__init__(values)
         self.figures, self.per_class = figures, per_class
 
+# %% ../nbs/09_learner.ipynb #1db489e7
 def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None):
     "Show `render_detections` of `img` on matplotlib axes `ax`, `title` above the picture (never under a label)."
     ax.imshow(render_detections(img, boxes, labels, class_map, scores, masks)); ax.axis('off')
@@ -460,6 +471,7 @@ def plot_pairs(records, preds, class_map, threshold=None, titles=None, figsize=N
     plt.tight_layout()
     return fig
 
+# %% ../nbs/09_learner.ipynb #7f6dbc71
 def _bar(it, total:int, show:bool=True):
     "`it` with a fastprogress bar (left out with `show=False`)."
     if not show: return it
@@ -480,6 +492,7 @@ def _losses_and_detections(learn, records:list, show:bool=True) -> tuple:
             preds.append(to_original({k: v for k, v in dets[0].items() if k != 'masks' or masks}, rec, tuple(images.shape[-2:])))
     return preds, torch.tensor(losses)
 
+# %% ../nbs/09_learner.ipynb #d9befb41
 class DetectionInterpretation:
     "A dataset's detections and their errors (fastai's `Interpretation`, for detectors): losses, per-class figures, confusions, PR curves."
     def __init__(self, records, preds, class_map, masks:bool=False, losses=None, learn=None, thresholds=None):
@@ -549,6 +562,7 @@ class DetectionInterpretation:
         "The confusion matrix as a picture, background last."
         return plot_confusion_matrix(self.confusion_matrix(iou, threshold), self.class_map, normalize, fname)
 
+# %% ../nbs/09_learner.ipynb #45739b37
 _RESIZERS = ('Resize', 'RandomResizedCrop', 'RandomCrop', 'CropPad', 'RatioResize')
 
 def _check_letterbox(dls):
@@ -581,6 +595,7 @@ def _check_classes_and_masks(dls, model, class_map):
         raise ValueError(f"{type(model).__name__} predicts masks and needs them, and these DataLoaders have none: parse with "
                          "masks=True (and make the DataLoaders with masks), or use a box detector such as faster_rcnn")
 
+# %% ../nbs/09_learner.ipynb #c8ddfe60
 @register_learner
 def detection_learner(
     dls, # DataLoaders from `icefast.data.dataloaders`
@@ -615,12 +630,14 @@ def class_color(label:int) -> tuple:
     "The RGB colour of class `label`: the same in every picture icefast draws."
     return CLASS_COLORS[(int(label) - 1) % len(CLASS_COLORS)]
 
+# %% ../nbs/09_learner.ipynb #70f99a33
 def _outline(m):
     "The boundary pixels of boolean mask `m`."
     inner = m.copy()
     inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
     return m & ~inner
 
+# %% ../nbs/09_learner.ipynb #81739794
 def render_detections(
     img, # A PIL image (or an image file's path)
     boxes, # xyxy boxes in `img`'s pixels
@@ -666,7 +683,6 @@ def render_detections(
         draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
     return img
 
-
 # %% ../nbs/09_learner.ipynb #e82cd681
 class ProgressLines(Callback):
     "A plain line (epoch, phase, batch, smoothed loss, seconds) at most every `every` seconds: progress for logs without a terminal."
@@ -696,6 +712,7 @@ def _skipped(recorder) -> bool:
     "Whether the epoch ending was skipped (fastai's `start_epoch`): it has no training loss, no metrics."
     return not len(recorder.values[-1])
 
+# %% ../nbs/09_learner.ipynb #69a514d9
 class RunLog(Callback):
     "A row per epoch (losses, metrics, seconds) across fits, rewritten to `folder`/metrics.csv and metrics.json after each epoch."
     order = Recorder.order + 1  # after the Recorder has logged the epoch
@@ -732,6 +749,7 @@ class RunLog(Callback):
         "`plot_run` of this log."
         return plot_run(self.rows, self.batch_losses, fname)
 
+# %% ../nbs/09_learner.ipynb #aecef71e
 def plot_run(rows:list, batch_losses:list=(), fname=None):
     "Losses (training per batch, validation per epoch) next to the COCO mAPs per epoch, from `RunLog` rows; saved as `fname` if given."
     import matplotlib.pyplot as plt
@@ -756,7 +774,6 @@ def plot_lr_find(learn, fname=None):
     n = max(1, len(rec.losses) - 5)
     ax.plot(rec.lrs[:n], [float(l) for l in rec.losses[:n]]); ax.set(xscale='log', xlabel='learning rate', ylabel='loss')
     return _saved(fig, fname)
-
 
 # %% ../nbs/09_learner.ipynb #0c5150a9
 class RunCheckpoint(TrackerCallback):
@@ -841,6 +858,7 @@ class RunCheckpoint(TrackerCallback):
         if self.best_thresholds: learn.model.score_thresholds = dict(self.best_thresholds)
         return learn
 
+# %% ../nbs/09_learner.ipynb #71a011b8
 def read_checkpoint(folder) -> dict:
     "The state `RunCheckpoint` wrote to `folder`/checkpoint.pt; a clear error when there is none."
     f = Path(folder)/'checkpoint.pt'
