@@ -63,7 +63,7 @@ def test_export_onnx_and_torchscript_predict_as_the_model(arch, request, tmp_pat
         assert abs(rep['mAP_exported'] - rep['mAP_pytorch']) <= 0.005 and rep['mAP_pytorch'] > 0.05, rep
         if arch == 'mask_rcnn': assert abs(rep['mask_mAP_exported'] - rep['mask_mAP_pytorch']) <= 0.005, rep
         h = read_header(path)
-        assert h['classes'] == list(learn.dls.class_map.classes) and h['image_size'] == ([96, 96] if arch == 'mask_rcnn' else [128, 128])
+        assert h['classes'] == list(learn.dls.class_map.classes) and h['image_size'] == ([128, 128] if arch == 'efficientdet' else [96, 96])
         assert h['batch'] == (None if arch == 'efficientdet' else 1) and h['verification']['ok']
         assert h['score_thresholds'] == {k: float(v) for k, v in learn.thresholds.items()}
         paths.append(path)

@@ -13,6 +13,8 @@ from icefast.models import faster_rcnn, efficientdet
 from icefast.core import Record
 from conftest import train_once
 
+SIZE = 96  # the trained fixtures' image size (EfficientDet's: 128): a step at 128 px costs 1.3x to 1.6x more
+
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     ann, imgs = make_shapes(tmp_path_factory.mktemp('shapes'), n_images=48, size=(160, 128), seed=1)
@@ -23,12 +25,13 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(shapes, tmp_path_factory):
-    "A small Faster R-CNN fine-tuned 6 epochs on the shapes from scratch (about a minute and a half on one core), once a session."
+    "A small Faster R-CNN fine-tuned 6 epochs on the shapes from scratch (about a minute on one core), once a session."
     records, cm = shapes
     def learner():
         set_seed(0, reproducible=True)
-        dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
-        return detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(cm)))
+        dls = dataloaders(records, cm, size=SIZE, bs=4, batch_tfms=[])
+        learn = detection_learner(dls, faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(cm)))
+        return learn  # cpu_light's 64 RoIs an image: with 32 (0.97 CPU s a step, not 1.29) mAP50 ended at 0.16 (seed 0)
     def fit(learn):
         with learn.no_bar(), learn.no_logging(): learn.fine_tune(6, 1e-3)
     return train_once(tmp_path_factory, 'faster_rcnn', learner, fit)[0]
@@ -49,7 +52,12 @@ def trained_mask(tmp_path_factory):
         def before_batch(self): seen.append(torch.backends.cudnn.benchmark)
     def learner():  # 20 detections an image, not 100: the mask head runs on each (validation 2.5x faster); the shapes are at most 3
         model = mask_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(p.class_map), box_detections_per_img=20)
-        return mask_rcnn.fastai.learner(dls, model, cbs=[Spy()])
+        learn = mask_rcnn.fastai.learner(dls, model, cbs=[Spy()])
+        # 16 sampled RoIs an image, not cpu_light's 64: the mask head's four convolutions run on each positive one and cost
+        # more than the rest of the step (CPU s/step at 96 px: 2.24 with 64, 1.62 with 32, 1.29 with 16); 8 epochs at 16 took
+        # 71-75 s on one core, 6 at 64 took 108 s and ended at mAP50 0.26 with seed 1 (8 at 16: 0.56)
+        model.cpu_light(rois=16)
+        return learn
     def fit(learn):
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
@@ -62,7 +70,7 @@ def trained_mask(tmp_path_factory):
         return dict(warnings=[str(w.message) for w in caught], during=set(seen), after=after)
     return train_once(tmp_path_factory, 'mask_rcnn', learner, fit)
 
-MASK_EPOCHS, EFFDET_EPOCHS = 6, 8  # measured at 96 px: mask_mAP50 0.18 in epoch 1, 0.43 in epoch 6
+MASK_EPOCHS, EFFDET_EPOCHS = 8, 8  # measured at 96 px, 16 RoIs, seeds 0/1/2: mask_mAP50 0.03/0.02/0.06 in epoch 1, 0.71/0.56/0.41 in epoch 8
 
 def test_mask_rcnn_fine_tunes_boxes_and_masks(trained_mask):
     learn, _ = trained_mask
@@ -100,8 +108,9 @@ def trained_arch(tmp_path_factory, shapes, arch:str):
     records, cm = shapes
     def learner():
         set_seed(0, reproducible=True)
-        dls = dataloaders(records, cm, size=128, bs=4, batch_tfms=[])
-        kw = dict(img_size=128) if arch == 'efficientdet' else {}
+        size = 128 if arch == 'efficientdet' else SIZE  # EfficientDet's sizes are multiples of 128
+        dls = dataloaders(records, cm, size=size, bs=4, batch_tfms=[])
+        kw = dict(img_size=size) if arch == 'efficientdet' else {}
         return detection_learner(dls, create_model(arch, backbone='resnet18' if arch == 'efficientdet' else 'resnet_fpn.resnet18',
                                                    num_classes=len(cm), **kw))
     def fit(learn):  # 5 epochs were too few for RetinaNet (mAP50 0.11 at the end)
@@ -140,7 +149,7 @@ def test_predict_gives_boxes_on_the_original_image(trained, shapes):
     train = list(trained.dls.train_ds.items)
     hits = 0
     singles = [r for r in train if len(r) == 1][:6]
-    for r in singles:  # 160 x 128 images, letterboxed to 128: boxes must come back to 160 x 128 pixels
+    for r in singles:  # 160 x 128 images, letterboxed to SIZE: boxes must come back to 160 x 128 pixels
         p = trained.predict(r.filepath)
         assert (p['boxes'][:, 2] <= 160).all() and (p['boxes'][:, 3] <= 128).all()
         if len(p['boxes']) and _iou(p['boxes'][0].tolist(), r.boxes[0].tolist()) > 0.5: hits += 1
@@ -263,9 +272,9 @@ def test_save_model_callback_monitors_map(shapes, tmp_path):
     assert (tmp_path/'models'/'best.pth').is_file()
     assert len(learn.recorder.values) == 2  # no epoch can gain a whole mAP point over the first: stopped after the second
 
-def _small_dls(shapes, n=12, n_valid=4, **kw):
+def _small_dls(shapes, n=12, n_valid=4, size=128, **kw):
     records, cm = shapes
-    return dataloaders(records[:n], cm, size=128, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:n_valid]]), **kw)
+    return dataloaders(records[:n], cm, size=size, bs=4, batch_tfms=[], splitter=IdSplitter([r.image_id for r in records[:n_valid]]), **kw)
 
 def test_a_validation_cancelled_before_it_begins(shapes):
     "A callback may skip validation (fastai's CancelValidException in before_validate): the adapter then has nothing to gather."
@@ -360,7 +369,7 @@ def test_images_without_boxes_train_and_validate(shapes, arch):
 
 def test_mixed_precision_on_cpu(shapes):
     "to_bf16 autocasts on the CPU; to_fp16 warns that it needs CUDA and trains in fp32; channels_last converts the model."
-    dls = _small_dls(shapes, n=8)
+    dls = _small_dls(shapes, n=8, size=64)  # 64 px: CPU bfloat16 convolutions are slow, and three fits run
     dtypes = []
     def conv_dtype(learn):
         conv = next(m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
