@@ -72,7 +72,7 @@ def export_header(model:nn.Module, class_map, graph:ExportGraph, fmt:str) -> dic
                 score_thresholds={str(k): float(v) for k, v in (getattr(model, 'score_thresholds', None) or {}).items()},
                 default_threshold=SCORE_THRESHOLD)
 
-# %% ../nbs/09b_export.ipynb #1aacc715
+# %% ../nbs/09b_export.ipynb #04c521bf
 @contextmanager
 def _quiet():
     "Silence the tracer's warnings about Python values it freezes (torchvision's are expected)."
@@ -80,13 +80,32 @@ def _quiet():
         warnings.simplefilter('ignore')
         yield
 
+def _merge_levels_by_gather(levels:torch.Tensor, unmerged:list) -> torch.Tensor:
+    "torchvision's `_onnx_merge_levels` (RoIs pooled per FPN level, put back in RoI order) as one gather of rows."
+    order = torch.cat([torch.where(levels == l)[0] for l in range(len(unmerged))])  # the RoIs, level by level
+    inverse = torch.zeros_like(order).scatter(0, order, torch.ones_like(order).cumsum(0) - 1)  # sizes stay dynamic in a trace
+    return torch.cat(unmerged)[inverse]
+
+@contextmanager
+def _tracing():
+    "While tracing: the tracer's warnings silenced, and torchvision's RoI level merge done by `_merge_levels_by_gather`."
+    from torchvision.ops import poolers
+    merge = getattr(poolers, '_onnx_merge_levels', None)
+    if merge is not None: poolers._onnx_merge_levels = _merge_levels_by_gather
+    try:
+        with _quiet(): yield
+    finally:
+        if merge is not None: poolers._onnx_merge_levels = merge
+
+
+# %% ../nbs/09b_export.ipynb #1aacc715
 def write_onnx(graph:ExportGraph, example:torch.Tensor, path, header:dict, opset:int=17) -> Path:
     "Export `graph` traced on `example` to an ONNX file at `path`, the header in its metadata."
     try: import onnx
     except ImportError: raise ImportError('exporting to ONNX needs onnx and onnxruntime: pip install "icefast[export]"') from None
     dyn = {'images': {0: 'batch'}} if graph.batched else {}
     for o in graph.outputs: dyn[o] = {0: 'batch', 1: 'detections'} if graph.batched else {1: 'detections'}
-    with _quiet(), torch.no_grad():
+    with _tracing(), torch.no_grad():
         torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset, input_names=['images'],
                           output_names=graph.outputs, dynamic_axes=dyn)
     set_header(path, header)
@@ -95,7 +114,7 @@ def write_onnx(graph:ExportGraph, example:torch.Tensor, path, header:dict, opset
 # %% ../nbs/09b_export.ipynb #67f32ab0
 def write_torchscript(graph:ExportGraph, example:torch.Tensor, path, header:dict) -> Path:
     "Trace `graph` on `example` and save it as TorchScript at `path`, the header as its extra file `icefast.json`."
-    with _quiet(), torch.no_grad(): traced = torch.jit.trace(graph, (example,), check_trace=False)
+    with _tracing(), torch.no_grad(): traced = torch.jit.trace(graph, (example,), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + '.json': json.dumps(header)})
     return Path(path)
 
