@@ -96,13 +96,28 @@ def make_image(tmp_path):
 # notebooks, last in the collection, kept one worker busy minutes after the other had finished)
 LONGEST_FIRST = ('test_notebook[20_', 'test_notebook[24_', 'test_notebook[21_', 'test_mask_rcnn_fine_tunes_boxes_and_masks',
                  'test_faster_rcnn_trains_loss_falls', 'test_single_stage_detectors_train', 'test_efficientdet_fine_tunes',
-                 'test_mask_rcnn_on_coco_masks', 'test_two_processes_', 'test_resumed_run_', 'test_notebook[09_', 'test_notebook[03_')
+                 'test_mask_rcnn_on_coco_masks', 'test_two_processes_validate',  # its fixture's other tests later (compute_once: no wait)
+                 'test_resumed_run_', 'test_notebook[09_', 'test_notebook[03_')
 
 
 def pytest_collection_modifyitems(config, items):
     "Put the longest tests first (a stable sort: the rest keep their order)."
     rank = lambda item: next((i for i, k in enumerate(LONGEST_FIRST) if k in item.nodeid), len(LONGEST_FIRST))
     items.sort(key=rank)
+
+
+def compute_once(tmp_path_factory, name:str, compute):
+    """`compute()` once per test session: the first caller (on any xdist worker) runs it and saves its (picklable) result,
+    later ones, waiting on a lock, load that. A module fixture alone runs once per worker that runs one of its tests."""
+    import fcntl, pickle
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / f'computed_{name}.pkl'  # this session's, shared by its workers
+    with open(f'{path}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file(): return pickle.loads(path.read_bytes())
+        result = compute()
+        path.write_bytes(pickle.dumps(result))
+        return result
 
 
 def train_once(tmp_path_factory, name:str, learner, fit):

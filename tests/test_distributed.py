@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import compute_once
+
 N_TRAIN, N_VALID, SIZE, BS = 9, 5, 96, 4  # 9 training images: 2 processes pad to 10; 5 validation images: shares of 3 and 2
 
 
@@ -69,16 +71,16 @@ def _run(root) -> dict:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    "One process (here) and two (gloo, one thread each) on the same weights and images."
+    "One process (here) and two (gloo, one thread each) on the same weights and images, once a session (whichever xdist worker comes first)."
     from icefast.synthetic import make_shapes
     from icefast.distributed import launch_training
-    root = tmp_path_factory.mktemp('ddp')
-    make_shapes(root, n_images=N_TRAIN + N_VALID, size=(48, 40), seed=1)  # shapes enlarged to 64 px: some near the anchors
-    torch.manual_seed(0)
-    for name, frozen in (('frozen', True), ('bn', False)): torch.save(_learner(root, BS, frozen).model.state_dict(), root/f'{name}.pth')
-    one = _run(root)
-    two = launch_training(_run, 2, args=(root,), device='cpu', threads=1)
-    return one, two
+    def both():
+        root = tmp_path_factory.mktemp('ddp')
+        make_shapes(root, n_images=N_TRAIN + N_VALID, size=(48, 40), seed=1)  # shapes enlarged to 64 px: some near the anchors
+        torch.manual_seed(0)
+        for name, frozen in (('frozen', True), ('bn', False)): torch.save(_learner(root, BS, frozen).model.state_dict(), root/f'{name}.pth')
+        return _run(root), launch_training(_run, 2, args=(root,), device='cpu', threads=1)
+    return compute_once(tmp_path_factory, 'ddp_runs', both)
 
 def _same(a, b): return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
