@@ -108,11 +108,20 @@ class Docments(griffe.Extension):
 
     @staticmethod
     def _label_patch(func):
-        "fastcore's `@patch` makes a module-level `def f(self:Cls, ...)` a method of `Cls`: say so in a label"
+        """fastcore's `@patch` makes a module-level `def f(self:Cls, ...)` a method of `Cls`: document it there, as
+        `Cls.f` (a property with `as_prop=True`); a class from elsewhere gets a label on the function instead"""
         if not isinstance(func.parent, griffe.Module) or not func.parameters: return
-        if not any(re.match(r'(fastcore\.basics\.)?patch\b', str(d.value)) for d in func.decorators): return
+        deco = next((str(d.value) for d in func.decorators if re.match(r'(fastcore\.basics\.)?patch\b', str(d.value))), None)
+        if deco is None: return
         anno = func.parameters[0].annotation
-        if anno is not None: func.labels.add(f'method of {anno}')
+        if anno is None: return
+        module, cls = func.parent, func.parent.members.get(str(anno))
+        if not isinstance(cls, griffe.Class) or module.members.get(func.name) is not func:
+            func.labels.add(f'method of {anno}'); return
+        module.del_member(func.name)
+        cls.set_member(func.name, func)
+        func.parent = cls
+        if 'as_prop' in deco: func.labels.add('property')
 
     def on_attribute_instance(self, *, attr: griffe.Attribute, agent=None, **kwargs):
         if attr.docstring is not None or not attr.lineno: return

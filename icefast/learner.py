@@ -10,6 +10,7 @@ from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
 from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
+from fastcore.basics import patch
 from pathlib import Path
 import fastai.callback.schedule, fastai.callback.progress  # fit_one_cycle, fine_tune, lr_find and progress bars on Learner
 
@@ -172,27 +173,32 @@ class DetectionAdapter(Callback):
             if not self.masks: d = {k: v for k, v in d.items() if k != 'masks'}
             self._results += detections_to_coco(rec.image_id, {k: v.numpy() for k, v in to_original(d, rec, hw).items()}, self.class_map)
 
-    def evaluator(self) -> COCOEvaluator:
-        "The COCO evaluator of the records last validated (the validation set's by default), built once for them."
-        items = self.dls.valid.items if self._items is None else self._items
-        if self._evaluator_items is not items:
-            self._evaluator, self._evaluator_items = COCOEvaluator(list(items), self.class_map, masks=self.masks), items
-        return self._evaluator
+# %% ../nbs/09_learner.ipynb #e2bf01dd
+@patch
+def evaluator(self:DetectionAdapter) -> COCOEvaluator:
+    "The COCO evaluator of the records last validated (the validation set's by default), built once for them."
+    items = self.dls.valid.items if self._items is None else self._items
+    if self._evaluator_items is not items:
+        self._evaluator, self._evaluator_items = COCOEvaluator(list(items), self.class_map, masks=self.masks), items
+    return self._evaluator
 
-    def epoch_metrics(self) -> dict:
-        "All COCO figures of this epoch's validation, evaluated once."
-        if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(self._results)
-        return self._epoch_metrics
+@patch
+def epoch_metrics(self:DetectionAdapter) -> dict:
+    "All COCO figures of this epoch's validation, evaluated once."
+    if self._epoch_metrics is None: self._epoch_metrics = self.evaluator().evaluate(self._results)
+    return self._epoch_metrics
 
-    def evaluated(self) -> bool:
-        "Whether the last validation has been evaluated (its figures, per-class table and PR curves are there)."
-        return self._epoch_metrics is not None
+@patch
+def evaluated(self:DetectionAdapter) -> bool:
+    "Whether the last validation has been evaluated (its figures, per-class table and PR curves are there)."
+    return self._epoch_metrics is not None
 
-    def tune_thresholds(self, precision:float=None, iou:float=0.5) -> dict:
-        "Per-class score thresholds from the last validation's PR curves (`choose_thresholds`), kept on the model."
-        self.epoch_metrics()
-        self.learn.model.score_thresholds = choose_thresholds(self.evaluator().pr_curves('bbox', iou), precision)
-        return self.learn.model.score_thresholds
+@patch
+def tune_thresholds(self:DetectionAdapter, precision:float=None, iou:float=0.5) -> dict:
+    "Per-class score thresholds from the last validation's PR curves (`choose_thresholds`), kept on the model."
+    self.epoch_metrics()
+    self.learn.model.score_thresholds = choose_thresholds(self.evaluator().pr_curves('bbox', iou), precision)
+    return self.learn.model.score_thresholds
 
 # %% ../nbs/09_learner.ipynb #7af343ef
 class TorchAdamW(OptimWrapper):
@@ -356,95 +362,6 @@ class DetectionLearner(Learner):
         if res is None or not self.detection.evaluated(): return res
         return ValidationResults(res, self.detection.epoch_metrics(), self.per_class())
 
-    def per_class(self):
-        "AP, AP50, AR100 and ground-truth count of each class in the last validation (evaluated now if it was not), a DataFrame."
-        if self.detection._items is None: self.validate()
-        self.detection.epoch_metrics()
-        return per_class_frame(self.detection.evaluator().per_class)
-
-    @property
-    def thresholds(self) -> dict:
-        "The per-class score thresholds chosen on the last validation (class name to score), kept with the model."
-        return dict(getattr(self.model, 'score_thresholds', None) or {})
-
-    def tune_thresholds(self,
-        precision:float=None, # Each class's threshold keeps at least this precision; default: each class's best F1
-        iou:float=0.5, # The IoU of the PR curves
-    ) -> dict:
-        "Choose the per-class thresholds on the validation set (validating if it has not been), and by this rule after every validation."
-        self.detection.threshold_rule = dict(precision=precision, iou=iou)
-        if self.detection._items is None: self.validate()
-        return self.detection.tune_thresholds(precision, iou)
-
-    def score_threshold(self, threshold=None):
-        "The threshold `predict` applies: `threshold` if given, else the chosen per-class `thresholds` (others `SCORE_THRESHOLD`)."
-        return threshold if threshold is not None else (self.thresholds or SCORE_THRESHOLD)
-
-    def to_fp16(self, **kwargs):
-        "Mixed precision: CUDA fp16 autocast with a grad scaler on a GPU; on the CPU a warning and fp32."
-        return self.add_cb(DetectionMixedPrecision(AMPMode.FP16, **kwargs))
-
-    def to_bf16(self):
-        "Mixed precision in bfloat16 autocast, on a GPU or the CPU."
-        return self.add_cb(DetectionMixedPrecision(AMPMode.BF16))
-
-    def to_channelslast(self, use_amp:bool=True, amp_mode='fp16', **kwargs):
-        "Channels-last memory format for the model (and mixed precision in `amp_mode` with `use_amp`)."
-        from fastai.callback.channelslast import ChannelsLast
-        if not hasattr(self, 'channels_last'): self.add_cb(ChannelsLast())
-        if use_amp and not hasattr(self, 'mixed_precision'): self.add_cb(DetectionMixedPrecision(AMPMode(amp_mode), **kwargs))
-        return self
-
-    def _detect(self, dl, records, show:bool=False):
-        "Detections of `dl`'s images (in order) mapped to `records`' original pixels (a progress bar with `show`)."
-        dev = torch.device(dl.device or self.dls.device or 'cpu')
-        if next(self.model.parameters()).device != dev: self.model.to(dev)
-        if self.model.training: self.model.eval()
-        res, i = [], 0
-        with torch.no_grad():
-            for b in _bar(dl, len(dl), show):
-                images = b[0].as_subclass(torch.Tensor)
-                for d in self.model(images):
-                    d = {k: v for k, v in d.items() if k != 'masks' or self.detection.masks}
-                    res.append(to_original(d, records[i], tuple(images.shape[-2:]))); i += 1
-        return res
-
-    def get_preds(self, ds_idx:int=1, dl=None, with_input:bool=False, with_decoded:bool=False, with_loss:bool=False,
-                  reorder:bool=True, act=None, **kwargs):
-        "Detections of a dataset (default: validation) in original pixels, and the records' ground truth likewise."
-        asked = [k for k, v in dict(with_input=with_input, with_decoded=with_decoded, with_loss=with_loss).items() if v]
-        if asked or kwargs:
-            raise TypeError(f"get_preds({', '.join([f'{k}=True' for k in asked] + list(kwargs))}) is not available for detectors: "
-                            "it returns (detections, targets), one dict per image, in the order of the items. Losses per image: "
-                            "DetectionInterpretation.from_learner(learn).top_losses(); detections above a score: "
-                            "learn.predict(item, threshold)")
-        dl = (dl or self.dls[ds_idx]).new(shuffle=False, drop_last=False)
-        records = [_as_record(o) for o in dl.items]
-        targs = [{'boxes': torch.from_numpy(r.boxes), 'labels': torch.from_numpy(r.labels)} for r in records]
-        return self._detect(dl, records), targs
-
-    def predict(self,
-        item, # A path, a `Record`, a PIL image or an array
-        threshold=None, # Keep detections scoring at least this (0: all); default: the chosen `thresholds`, else `SCORE_THRESHOLD`
-    ) -> dict:
-        "Detections in one image: xyxy boxes in its own pixels, class `names`, `scores` (and `masks`)."
-        from icefast.data import inference_item
-        item = inference_item(item)
-        dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
-        d = keep_above(self._detect(dl, [_as_record(item)])[0], self.score_threshold(threshold), self.detection.class_map)
-        d['names'] = [self.detection.class_map.get_name(int(l)) for l in d['labels']]
-        return d
-
-    def show_results(self, ds_idx:int=1, max_n:int=4, threshold=None, figsize=None):
-        "Ground truth (left) next to detections (right) scoring at least `threshold` (default: as `predict`) on the original images."
-        records = list(self.dls[ds_idx].items)[:max_n]
-        preds = self._detect(self.dls.test_dl(records, num_workers=0), records)
-        return plot_pairs(records, preds, self.detection.class_map, self.score_threshold(threshold), figsize=figsize)
-
-    def plot_top_losses(self, k:int=4, ds_idx:int=1, threshold=None, figsize=None):
-        "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
-        return DetectionInterpretation.from_learner(self, ds_idx, with_losses=True).plot_top_losses(k, threshold, figsize)
-
 # %% ../nbs/09_learner.ipynb #d4e28864
 class ValidationResults(list):
     "What `validate` returns: fastai's list (the loss, then `learn.metrics`), with all COCO `figures` and the `per_class` table."
@@ -530,37 +447,6 @@ class DetectionInterpretation:
         losses, idxs = self.top_losses(k)
         return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map,
                           self.thresholds if threshold is None else threshold, [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
-
-    def evaluation(self) -> dict:
-        "`metrics.evaluate_detections` of these detections: all COCO figures, the per-class table, the evaluator (computed once)."
-        if self._evaluation is None: self._evaluation = evaluate_detections(self.records, self.preds, self.class_map, self.masks)
-        return self._evaluation
-
-    def per_class(self):
-        "AP, AP50, AR100 and ground-truth count of each class, a DataFrame."
-        return per_class_frame(self.evaluation()['per_class'])
-
-    def pr_curves(self, iou:float=0.5, kind:str='bbox') -> dict:
-        "Each class's precision-recall curve at IoU `iou` (`COCOEvaluator.pr_curves`)."
-        return self.evaluation()['evaluator'].pr_curves(kind, iou)
-
-    def choose_thresholds(self, precision:float=None, iou:float=0.5) -> dict:
-        "Per-class thresholds from these PR curves (`metrics.choose_thresholds`), used by this interpretation's pictures."
-        self.thresholds = choose_thresholds(self.pr_curves(iou), precision)
-        return self.thresholds
-
-    def plot_pr_curves(self, iou:float=0.5, fname=None):
-        "The PR curves, the thresholds in use as dots."
-        return plot_pr_curves(self.pr_curves(iou), self.thresholds if isinstance(self.thresholds, dict) else None, fname,
-                              title=f'precision-recall (IoU {iou})')
-
-    def confusion_matrix(self, iou:float=0.5, threshold=None):
-        "`metrics.confusion_matrix` of these detections (default threshold: the thresholds in use)."
-        return confusion_matrix(self.records, self.preds, self.class_map, iou, self.thresholds if threshold is None else threshold)
-
-    def plot_confusion_matrix(self, iou:float=0.5, threshold=None, normalize:bool=False, fname=None):
-        "The confusion matrix as a picture, background last."
-        return plot_confusion_matrix(self.confusion_matrix(iou, threshold), self.class_map, normalize, fname)
 
 # %% ../nbs/09_learner.ipynb #45739b37
 _RESIZERS = ('Resize', 'RandomResizedCrop', 'RandomCrop', 'CropPad', 'RatioResize')
@@ -683,6 +569,90 @@ def render_detections(
         draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
     return img
 
+# %% ../nbs/09_learner.ipynb #f32572d3
+@patch
+def per_class(self:DetectionLearner):
+    "AP, AP50, AR100 and ground-truth count of each class in the last validation (evaluated now if it was not), a DataFrame."
+    if self.detection._items is None: self.validate()
+    self.detection.epoch_metrics()
+    return per_class_frame(self.detection.evaluator().per_class)
+
+@patch(as_prop=True)
+def thresholds(self:DetectionLearner) -> dict:
+    "The per-class score thresholds chosen on the last validation (class name to score), kept with the model."
+    return dict(getattr(self.model, 'score_thresholds', None) or {})
+
+@patch
+def tune_thresholds(self:DetectionLearner,
+    precision:float=None, # Each class's threshold keeps at least this precision; default: each class's best F1
+    iou:float=0.5, # The IoU of the PR curves
+) -> dict:
+    "Choose the per-class thresholds on the validation set (validating if it has not been), and by this rule after every validation."
+    self.detection.threshold_rule = dict(precision=precision, iou=iou)
+    if self.detection._items is None: self.validate()
+    return self.detection.tune_thresholds(precision, iou)
+
+@patch
+def score_threshold(self:DetectionLearner, threshold=None):
+    "The threshold `predict` applies: `threshold` if given, else the chosen per-class `thresholds` (others `SCORE_THRESHOLD`)."
+    return threshold if threshold is not None else (self.thresholds or SCORE_THRESHOLD)
+
+# %% ../nbs/09_learner.ipynb #fa4d08a0
+@patch
+def _detect(self:DetectionLearner, dl, records, show:bool=False):
+    "Detections of `dl`'s images (in order) mapped to `records`' original pixels (a progress bar with `show`)."
+    dev = torch.device(dl.device or self.dls.device or 'cpu')
+    if next(self.model.parameters()).device != dev: self.model.to(dev)
+    if self.model.training: self.model.eval()
+    res, i = [], 0
+    with torch.no_grad():
+        for b in _bar(dl, len(dl), show):
+            images = b[0].as_subclass(torch.Tensor)
+            for d in self.model(images):
+                d = {k: v for k, v in d.items() if k != 'masks' or self.detection.masks}
+                res.append(to_original(d, records[i], tuple(images.shape[-2:]))); i += 1
+    return res
+
+@patch
+def get_preds(self:DetectionLearner, ds_idx:int=1, dl=None, with_input:bool=False, with_decoded:bool=False, with_loss:bool=False,
+              reorder:bool=True, act=None, **kwargs):
+    "Detections of a dataset (default: validation) in original pixels, and the records' ground truth likewise."
+    asked = [k for k, v in dict(with_input=with_input, with_decoded=with_decoded, with_loss=with_loss).items() if v]
+    if asked or kwargs:
+        raise TypeError(f"get_preds({', '.join([f'{k}=True' for k in asked] + list(kwargs))}) is not available for detectors: "
+                        "it returns (detections, targets), one dict per image, in the order of the items. Losses per image: "
+                        "DetectionInterpretation.from_learner(learn).top_losses(); detections above a score: "
+                        "learn.predict(item, threshold)")
+    dl = (dl or self.dls[ds_idx]).new(shuffle=False, drop_last=False)
+    records = [_as_record(o) for o in dl.items]
+    targs = [{'boxes': torch.from_numpy(r.boxes), 'labels': torch.from_numpy(r.labels)} for r in records]
+    return self._detect(dl, records), targs
+
+@patch
+def predict(self:DetectionLearner,
+    item, # A path, a `Record`, a PIL image or an array
+    threshold=None, # Keep detections scoring at least this (0: all); default: the chosen `thresholds`, else `SCORE_THRESHOLD`
+) -> dict:
+    "Detections in one image: xyxy boxes in its own pixels, class `names`, `scores` (and `masks`)."
+    from icefast.data import inference_item
+    item = inference_item(item)
+    dl = self.dls.test_dl([item], num_workers=0)  # worker processes would cost more than one image
+    d = keep_above(self._detect(dl, [_as_record(item)])[0], self.score_threshold(threshold), self.detection.class_map)
+    d['names'] = [self.detection.class_map.get_name(int(l)) for l in d['labels']]
+    return d
+
+@patch
+def show_results(self:DetectionLearner, ds_idx:int=1, max_n:int=4, threshold=None, figsize=None):
+    "Ground truth (left) next to detections (right) scoring at least `threshold` (default: as `predict`) on the original images."
+    records = list(self.dls[ds_idx].items)[:max_n]
+    preds = self._detect(self.dls.test_dl(records, num_workers=0), records)
+    return plot_pairs(records, preds, self.detection.class_map, self.score_threshold(threshold), figsize=figsize)
+
+@patch
+def plot_top_losses(self:DetectionLearner, k:int=4, ds_idx:int=1, threshold=None, figsize=None):
+    "The `k` images of a dataset (default: validation) with the highest detection loss, ground truth next to detections."
+    return DetectionInterpretation.from_learner(self, ds_idx, with_losses=True).plot_top_losses(k, threshold, figsize)
+
 # %% ../nbs/09_learner.ipynb #e82cd681
 class ProgressLines(Callback):
     "A plain line (epoch, phase, batch, smoothed loss, seconds) at most every `every` seconds: progress for logs without a terminal."
@@ -792,25 +762,6 @@ class RunCheckpoint(TrackerCallback):
         learn = learn or self.learn
         return (Path(self.folder) if self.folder is not None else Path(learn.path)/learn.model_dir).absolute()
 
-    def before_fit(self):
-        super().before_fit()
-        s, log = self._pending, getattr(self.learn, 'run_log', None)
-        if s and s.get('run_log') and log is not None:
-            log.rows, log.batch_losses = list(s['run_log']['rows']), list(s['run_log']['batch_losses'])
-            s['run_log'] = None
-
-    def before_train(self):
-        "At the first epoch trained after `restore`: the random states and the smoothed loss of the interrupted run."
-        if not self._pending: return
-        s, self._pending = self._pending, None
-        st = dict(s['random'])
-        if not torch.cuda.is_available(): st['torch_cuda_state'] = []
-        set_random_states(**st)
-        for dl, r in zip(self.dls.loaders, s['loaders']):
-            if r is not None and hasattr(dl, 'rng'): dl.rng.setstate(r)
-        if self.epoch > 0:  # within the fit that was interrupted (a new fit starts it afresh, as fastai's Recorder does)
-            self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = s['smooth_loss'][0], torch.tensor(s['smooth_loss'][1])
-
     def after_epoch(self):
         "Save the epoch's weights and optimizer, the best weights if it is the best so far, and the state to resume from."
         if _skipped(self.recorder): return
@@ -837,27 +788,6 @@ class RunCheckpoint(TrackerCallback):
                     smooth_loss=(sl.count, float(sl.val)),
                     run_log=None if log is None else dict(rows=log.rows, batch_losses=log.batch_losses))
 
-    def restore(self, learn) -> int:
-        "Load the last checkpoint into `learn` (weights, optimizer, best so far, log, random states): the `start_epoch` to resume at."
-        s = read_checkpoint(self.dir(learn))
-        if s['monitor'] != self.monitor: raise ValueError(f"{self.dir(learn)/'checkpoint.pt'} tracks {s['monitor']}, not {self.monitor}")
-        with warnings.catch_warnings(record=True) as caught:  # fastai only warns when the optimizer state does not fit
-            warnings.simplefilter('always')
-            learn.load(self.dir(learn)/'last', with_opt=True)
-        bad = [str(w.message) for w in caught if 'optimizer state' in str(w.message)]
-        if bad: raise ValueError(f"{self.dir(learn)/'last.pth'}: {bad[0]} (another optimizer than the run's?)")
-        learn.model.score_thresholds = dict(s['thresholds'])
-        self.done, self.best, self.best_epoch, self.best_thresholds = s['epochs_done'], s['best'], s['best_epoch'], s['best_thresholds']
-        self._pending = s
-        return self.done
-
-    def load_best(self, learn=None):
-        "Load `best.pth` and its epoch's thresholds into the learner (as `SaveModelCallback` does at the end of a fit)."
-        learn = learn or self.learn
-        learn.load(self.dir(learn)/'best', with_opt=False)
-        if self.best_thresholds: learn.model.score_thresholds = dict(self.best_thresholds)
-        return learn
-
 # %% ../nbs/09_learner.ipynb #71a011b8
 def read_checkpoint(folder) -> dict:
     "The state `RunCheckpoint` wrote to `folder`/checkpoint.pt; a clear error when there is none."
@@ -866,3 +796,107 @@ def read_checkpoint(folder) -> dict:
         raise FileNotFoundError(f"{folder}: no checkpoint.pt and last.pth to resume from (RunCheckpoint writes them after each "
                                 "epoch; a run stopped during its first epoch has none: start it again)")
     return torch.load(f, map_location='cpu', weights_only=False)  # our own file: random states are numpy objects
+
+# %% ../nbs/09_learner.ipynb #09f8598b
+@patch
+def before_fit(self:RunCheckpoint):
+    "fastai's (the best so far), and after `restore` the `RunLog` rows of the interrupted run."
+    TrackerCallback.before_fit(self)
+    s, log = self._pending, getattr(self.learn, 'run_log', None)
+    if s and s.get('run_log') and log is not None:
+        log.rows, log.batch_losses = list(s['run_log']['rows']), list(s['run_log']['batch_losses'])
+        s['run_log'] = None
+
+@patch
+def before_train(self:RunCheckpoint):
+    "At the first epoch trained after `restore`: the random states and the smoothed loss of the interrupted run."
+    if not self._pending: return
+    s, self._pending = self._pending, None
+    st = dict(s['random'])
+    if not torch.cuda.is_available(): st['torch_cuda_state'] = []
+    set_random_states(**st)
+    for dl, r in zip(self.dls.loaders, s['loaders']):
+        if r is not None and hasattr(dl, 'rng'): dl.rng.setstate(r)
+    if self.epoch > 0:  # within the fit that was interrupted (a new fit starts it afresh, as fastai's Recorder does)
+        self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = s['smooth_loss'][0], torch.tensor(s['smooth_loss'][1])
+
+@patch
+def restore(self:RunCheckpoint, learn) -> int:
+    "Load the last checkpoint into `learn` (weights, optimizer, best so far, log, random states): the `start_epoch` to resume at."
+    s = read_checkpoint(self.dir(learn))
+    if s['monitor'] != self.monitor: raise ValueError(f"{self.dir(learn)/'checkpoint.pt'} tracks {s['monitor']}, not {self.monitor}")
+    with warnings.catch_warnings(record=True) as caught:  # fastai only warns when the optimizer state does not fit
+        warnings.simplefilter('always')
+        learn.load(self.dir(learn)/'last', with_opt=True)
+    bad = [str(w.message) for w in caught if 'optimizer state' in str(w.message)]
+    if bad: raise ValueError(f"{self.dir(learn)/'last.pth'}: {bad[0]} (another optimizer than the run's?)")
+    learn.model.score_thresholds = dict(s['thresholds'])
+    self.done, self.best, self.best_epoch, self.best_thresholds = s['epochs_done'], s['best'], s['best_epoch'], s['best_thresholds']
+    self._pending = s
+    return self.done
+
+@patch
+def load_best(self:RunCheckpoint, learn=None):
+    "Load `best.pth` and its epoch's thresholds into the learner (as `SaveModelCallback` does at the end of a fit)."
+    learn = learn or self.learn
+    learn.load(self.dir(learn)/'best', with_opt=False)
+    if self.best_thresholds: learn.model.score_thresholds = dict(self.best_thresholds)
+    return learn
+
+# %% ../nbs/09_learner.ipynb #0a6fb5ec
+@patch
+def evaluation(self:DetectionInterpretation) -> dict:
+    "`metrics.evaluate_detections` of these detections: all COCO figures, the per-class table, the evaluator (computed once)."
+    if self._evaluation is None: self._evaluation = evaluate_detections(self.records, self.preds, self.class_map, self.masks)
+    return self._evaluation
+
+@patch
+def per_class(self:DetectionInterpretation):
+    "AP, AP50, AR100 and ground-truth count of each class, a DataFrame."
+    return per_class_frame(self.evaluation()['per_class'])
+
+@patch
+def pr_curves(self:DetectionInterpretation, iou:float=0.5, kind:str='bbox') -> dict:
+    "Each class's precision-recall curve at IoU `iou` (`COCOEvaluator.pr_curves`)."
+    return self.evaluation()['evaluator'].pr_curves(kind, iou)
+
+@patch
+def choose_thresholds(self:DetectionInterpretation, precision:float=None, iou:float=0.5) -> dict:
+    "Per-class thresholds from these PR curves (`metrics.choose_thresholds`), used by this interpretation's pictures."
+    self.thresholds = choose_thresholds(self.pr_curves(iou), precision)
+    return self.thresholds
+
+@patch
+def plot_pr_curves(self:DetectionInterpretation, iou:float=0.5, fname=None):
+    "The PR curves, the thresholds in use as dots."
+    return plot_pr_curves(self.pr_curves(iou), self.thresholds if isinstance(self.thresholds, dict) else None, fname,
+                          title=f'precision-recall (IoU {iou})')
+
+@patch
+def confusion_matrix(self:DetectionInterpretation, iou:float=0.5, threshold=None):
+    "`metrics.confusion_matrix` of these detections (default threshold: the thresholds in use)."
+    return confusion_matrix(self.records, self.preds, self.class_map, iou, self.thresholds if threshold is None else threshold)
+
+@patch
+def plot_confusion_matrix(self:DetectionInterpretation, iou:float=0.5, threshold=None, normalize:bool=False, fname=None):
+    "The confusion matrix as a picture, background last."
+    return plot_confusion_matrix(self.confusion_matrix(iou, threshold), self.class_map, normalize, fname)
+
+# %% ../nbs/09_learner.ipynb #3d991212
+@patch
+def to_fp16(self:DetectionLearner, **kwargs):
+    "Mixed precision: CUDA fp16 autocast with a grad scaler on a GPU; on the CPU a warning and fp32."
+    return self.add_cb(DetectionMixedPrecision(AMPMode.FP16, **kwargs))
+
+@patch
+def to_bf16(self:DetectionLearner):
+    "Mixed precision in bfloat16 autocast, on a GPU or the CPU."
+    return self.add_cb(DetectionMixedPrecision(AMPMode.BF16))
+
+@patch
+def to_channelslast(self:DetectionLearner, use_amp:bool=True, amp_mode='fp16', **kwargs):
+    "Channels-last memory format for the model (and mixed precision in `amp_mode` with `use_amp`)."
+    from fastai.callback.channelslast import ChannelsLast
+    if not hasattr(self, 'channels_last'): self.add_cb(ChannelsLast())
+    if use_amp and not hasattr(self, 'mixed_precision'): self.add_cb(DetectionMixedPrecision(AMPMode(amp_mode), **kwargs))
+    return self

@@ -14,7 +14,7 @@ from .metrics import keep_above, SCORE_THRESHOLD
 
 # %% auto #0
 __all__ = ['EXPORT_FORMATS', 'METADATA_KEY', 'FORMAT_VERSION', 'MASK_FORMATS', 'export_format', 'prepare_image',
-           'paste_roi_masks', 'to_original_pixels', 'read_header', 'ExportedDetector', 'load_exported']
+           'paste_roi_masks', 'to_original_pixels', 'read_header', 'ExportedGraph', 'ExportedDetector', 'load_exported']
 
 # %% ../nbs/09a_runtime.ipynb #2df46d06
 EXPORT_FORMATS = {'onnx': '.onnx', 'torchscript': '.torchscript'}  # format -> file suffix (Ultralytics' spelling for TorchScript)
@@ -164,8 +164,8 @@ def _torchscript_module(path:Path, device:str) -> tuple:
     return module, header
 
 # %% ../nbs/09a_runtime.ipynb #c2321157
-class ExportedDetector:
-    "A detector exported by icefast, run with onnxruntime or TorchScript: `predict` and `detect` as `learn.predict` gives them."
+class ExportedGraph:
+    "An exported file opened with onnxruntime or TorchScript: its header, classes, image size and thresholds, and `run` on letterboxed batches."
     def __init__(self,
         path, # An `.onnx` or `.torchscript` file written by `icefast.export`
         device:str='cpu', # 'cpu' or 'cuda' (onnxruntime's CUDA provider, or TorchScript on the GPU)
@@ -186,7 +186,7 @@ class ExportedDetector:
         if self.masks and self.mask_format not in MASK_FORMATS:
             raise ValueError(f"{self.path}: masks in an unknown format {self.mask_format!r} (known: {', '.join(MASK_FORMATS)}); upgrade icefast")
 
-    def __repr__(self): return f"ExportedDetector({self.path.name}: {self.header.get('arch')}, {len(self.class_map)-1} classes, {self.size}, {self.format})"
+    def __repr__(self): return f"{type(self).__name__}({self.path.name}: {self.header.get('arch')}, {len(self.class_map)-1} classes, {self.size}, {self.format})"
 
     def run(self, images:np.ndarray) -> list:
         "The graph on a batch of letterboxed images (N, 3, H, W) in 0-1: per image a dict of `boxes`, `scores`, `labels` (and `masks` in `mask_format`), padding dropped."
@@ -202,6 +202,9 @@ class ExportedDetector:
             res.append({k: v[keep] for k, v in d.items()})
         return res
 
+# %% ../nbs/09a_runtime.ipynb #337dc641
+class ExportedDetector(ExportedGraph):
+    "A detector exported by icefast, run with onnxruntime or TorchScript: `predict` and `detect` as `learn.predict` gives them."
     def score_threshold(self, threshold=None):
         "The threshold `detect` applies: `threshold` when given, else the per-class ones stored in the file, else `SCORE_THRESHOLD`."
         if threshold is not None: return threshold

@@ -193,8 +193,9 @@ def test_plot_top_losses_ranks_images_by_their_own_loss(trained, tmp_path):
     worst = interp.records[int(idxs[0])]  # its loss is the model's own loss on that image alone
     dl = trained.dls.test_dl([worst], with_labels=True, bs=1)
     images, targets = split_batch(dl.one_batch())
-    with torch.no_grad(): alone = float(sum(trained.model.eval()(images, targets)[0].values()))
-    assert alone == pytest.approx(float(losses[0]), rel=0.2)  # R-CNN losses sample RoIs at random: close, not equal
+    with torch.no_grad(): alone = np.mean([float(sum(trained.model.eval()(images, targets)[0].values())) for _ in range(5)])
+    # R-CNN losses sample RoIs at random: close, not equal (one pass ranged 1.34 to 1.61 around the ranking's 1.45; the mean of 5 is steadier)
+    assert alone == pytest.approx(float(losses[0]), rel=0.2)
     fig = interp.plot_top_losses(k=3)  # the same numbers (a new pass would sample other RoIs)
     fig.savefig(tmp_path/'top_losses.png')
     assert len(fig.axes) == 6 and f"loss {float(losses[0]):.3f}" in fig.axes[1].get_title()

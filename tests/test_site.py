@@ -136,6 +136,15 @@ def test_site_has_the_pages(site):
         assert (site / f).is_file(), f
 
 
+def test_patched_methods_are_documented_in_their_class(site):
+    "A `@patch`ed `def f(self:Cls)` (one definition per notebook cell) is `Cls.f` on the API page, not a module function"
+    ids = set(re.findall(r'\bid="([^"]+)"', (site / 'api' / 'learner.html').read_text(encoding='utf-8')))
+    for name in ('DetectionLearner.predict', 'DetectionLearner.thresholds', 'DetectionAdapter.evaluator', 'RunCheckpoint.restore',
+                 'DetectionLearner.per_class', 'DetectionInterpretation.per_class'):  # the last two: one name, two classes
+        assert f'icefast.learner.{name}' in ids, name
+    assert not {'icefast.learner.predict', 'icefast.learner.per_class', 'icefast.learner.restore'} & ids
+
+
 def test_site_loads_nothing_from_the_internet(site):
     "No web fonts, no CDN scripts or styles: the built pages reference only the site's own files"
     bad = {}
