@@ -145,6 +145,7 @@ def icefast_recipe(train, test, classes, weights, a):
     from icefast.parsers import VOCParser
     from icefast.data import dataloaders, IdSplitter
     from icefast.models import efficientdet
+    import icefast.learner  # registers `efficientdet.fastai.learner`
     class EpochTimer(Callback):
         order = 100
         def before_fit(self): self.train_s, self.valid_s = [], []
@@ -159,14 +160,36 @@ def icefast_recipe(train, test, classes, weights, a):
     test_ids = {r['id'] for r in test}
     keep = {r['id'] for r in train} | test_ids
     records = [r for r in records if str(r.image_id) in keep]
-    dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, splitter=IdSplitter(test_ids),
-                      **({} if a.ice_workers is None else {'num_workers': a.ice_workers}))
+    extra = {} if a.ice_workers is None else {'num_workers': a.ice_workers}
+    if a.aug != '{}':
+        from icefast.data import detection_aug_transforms
+        extra['batch_tfms'] = detection_aug_transforms(**json.loads(a.aug))
+    dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, splitter=IdSplitter(test_ids), **extra)
     model = efficientdet.model(model_name=a.model, num_classes=len(p.class_map), img_size=a.size, pretrained_backbone=weights)
     timer = EpochTimer()
     cbs = [timer]
     if a.clip:
         from fastai.callback.training import GradientClip
         cbs.append(GradientClip(a.clip))
+    if a.ema:
+        class ModelEMA(Callback):
+            "Validate with, and end on, a moving average of the weights (decay warmed up as (1+n)/(10+n))."
+            def __init__(self, decay): self.decay = decay
+            def before_fit(self):
+                sd = self.model.state_dict()
+                self.live = [t for t in sd.values() if t.dtype.is_floating_point]
+                self.avg = [t.detach().clone() for t in self.live]; self.n = 0
+            def after_step(self):
+                self.n += 1; d = min(self.decay, (1 + self.n) / (10 + self.n))
+                with torch.no_grad(): torch._foreach_lerp_(self.avg, self.live, 1 - d)
+            def _swap(self):
+                with torch.no_grad():
+                    for a_, t in zip(self.avg, self.live): tmp = t.clone(); t.copy_(a_); a_.copy_(tmp)
+            def before_validate(self): self._swap()
+            def after_validate(self): self._swap()
+            def after_fit(self):
+                with torch.no_grad(): torch._foreach_copy_(self.live, self.avg)
+        cbs.append(ModelEMA(a.ema))
     learn = efficientdet.fastai.learner(dls, model, cbs=cbs)
     kw = json.loads(a.fine_tune)
     if a.lr_find:
@@ -199,12 +222,15 @@ def main():
     ap.add_argument('--ice-workers', type=int, default=None, help="icefast's DataLoader workers (default: icefast's default)")
     ap.add_argument('--only', choices=['plain', 'icefast'], default=None)
     ap.add_argument('--clip', type=float, default=None, help="icefast: clip the gradients' norm at this (fastai GradientClip)")
+    ap.add_argument('--aug', default='{}', help="icefast: JSON keyword arguments for `detection_aug_transforms` (default: icefast's batch_tfms)")
+    ap.add_argument('--ema', type=float, default=None, help="icefast: validate and keep an exponential moving average of the weights at this decay")
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     ap.add_argument('--fine-tune', default='{}', help='JSON keyword arguments for icefast fine_tune (default: none)')
     ap.add_argument('--lr-find', default=None, choices=['show', 'valley', 'slide', 'minimum', 'steep'],
                     help="icefast: run lr_find first; 'show' prints its suggestions and stops, a name trains at that suggestion")
     ap.add_argument('--json', default=None, help='also write the results here')
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(a.threads or os.cpu_count())
     items = read_voc(a.data)
     classes = sorted({n for r in items for n in r['names']})
     train, test = split(items, a.seed, a.valid_pct)
@@ -226,7 +252,7 @@ def main():
                           wall_s=time.perf_counter() - t, epoch_s=secs)
         print(f"{side}: mAP {mAP:.3f} mAP50 {mAP50:.3f}, {rows[side]['train_s_per_epoch']:.1f} s/epoch training (median)"
               + (f", validation {rows[side]['valid_s_per_epoch']:.1f} s/epoch" if valid else ''), flush=True)
-    print(f"\n{Path(a.data).name}, {a.model}, {a.size} px, bs {a.bs}, {a.epochs} epochs, seed {a.seed}, fine_tune {a.fine_tune}")
+    print(f"\n{Path(a.data).name}, {a.model}, {a.size} px, bs {a.bs}, {a.epochs} epochs, seed {a.seed}, fine_tune {a.fine_tune}, aug {a.aug}, clip {a.clip}, ema {a.ema}")
     print(f"{'recipe':<28} {'mAP':>6} {'mAP50':>6} {'train s/epoch':>14} {'valid s/epoch':>14}")
     for k, r in rows.items():
         print(f"{k:<28} {r['mAP']:6.3f} {r['mAP50']:6.3f} {r['train_s_per_epoch']:14.1f} {r['valid_s_per_epoch'] or 0:14.1f}")
