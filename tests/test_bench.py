@@ -1,0 +1,28 @@
+"The benchmark scripts still run against the library (they are scripts, so nothing else imports them)."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FRIDGE = ROOT/'tests/data/samples/fridge/odFridgeObjects'
+
+
+def test_fine_tune_real_runs_both_recipes(tmp_path):
+    "bench/fine_tune_real.py, one epoch of each side at 128 px (effdet's 5000 top-k needs that many anchors) on the fridge sample, with random backbone weights."
+    import timm
+    weights = tmp_path/'lite0.pth'
+    torch.save(timm.create_model('tf_efficientnet_lite0', pretrained=False).state_dict(), weights)
+    out = tmp_path/'result.json'
+    cmd = [sys.executable, str(ROOT/'bench/fine_tune_real.py'), str(FRIDGE), str(weights), '--size', '128', '--bs', '2',
+           '--epochs', '1', '--valid-pct', '0.34', '--workers', '0', '--threads', '1', '--ema', '0.9',
+           '--aug', '{"min_zoom": 0.8, "max_zoom": 1.2}', '--json', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, 'KMP_BLOCKTIME': '0', 'PYTHONPATH': str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())['rows']
+    assert set(rows) == {'plain', 'icefast'}
+    for side, row in rows.items():
+        assert 0 <= row['mAP'] <= row['mAP50'] <= 1, (side, row)
+        assert len(row['epoch_s']) == 1 and row['train_s_per_epoch'] > 0, (side, row)
+    assert rows['icefast']['valid_s_per_epoch'] > 0
+    assert 'icefast - plain: mAP' in r.stdout
