@@ -190,7 +190,19 @@ def icefast_recipe(train, test, classes, weights, a):
             def after_fit(self):
                 with torch.no_grad(): torch._foreach_copy_(self.live, self.avg)
         cbs.append(ModelEMA(a.ema))
-    learn = efficientdet.fastai.learner(dls, model, cbs=cbs)
+    if a.frozen_bn_stats:
+        class BackboneBNStats(Callback):
+            "Keep the backbone's batch-norm statistics as loaded (eval-mode batch-norm); its scales and shifts still train."
+            def before_batch(self):
+                if self.training:
+                    for mod in self.model.bench.model.backbone.modules():
+                        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm): mod.eval()
+        cbs.append(BackboneBNStats())
+    opt = {}
+    if a.opt == 'fastai':
+        from fastai.optimizer import Adam
+        opt['opt_func'] = Adam
+    learn = efficientdet.fastai.learner(dls, model, cbs=cbs, **opt)
     kw = json.loads(a.fine_tune)
     if a.lr_find:
         from fastai.callback.schedule import valley, slide, minimum, steep
@@ -206,7 +218,7 @@ def icefast_recipe(train, test, classes, weights, a):
     print('  ' + '\n  '.join(f"epoch {i}: train {t:.1f} s, valid {v:.1f} s" for i, (t, v) in enumerate(zip(timer.train_s, timer.valid_s))))
     dets = []
     for r in test:
-        d = learn.predict(r['file'])
+        d = learn.predict(r['file'], threshold=0)  # every detection, as the plain side keeps (COCO mAP ranks them all)
         dets.append(dict(boxes=d['boxes'], scores=d['scores'], names=d['names']))
     return dets, timer.train_s, timer.valid_s
 
@@ -224,6 +236,8 @@ def main():
     ap.add_argument('--clip', type=float, default=None, help="icefast: clip the gradients' norm at this (fastai GradientClip)")
     ap.add_argument('--aug', default='{}', help="icefast: JSON keyword arguments for `detection_aug_transforms` (default: icefast's batch_tfms)")
     ap.add_argument('--ema', type=float, default=None, help="icefast: validate and keep an exponential moving average of the weights at this decay")
+    ap.add_argument('--opt', choices=['default', 'fastai'], default='default', help="icefast's optimizer: its default, or fastai's Adam")
+    ap.add_argument('--frozen-bn-stats', action='store_true', help="icefast: keep the backbone's batch-norm statistics as loaded")
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
     ap.add_argument('--fine-tune', default='{}', help='JSON keyword arguments for icefast fine_tune (default: none)')
     ap.add_argument('--lr-find', default=None, choices=['show', 'valley', 'slide', 'minimum', 'steep'],
@@ -252,7 +266,7 @@ def main():
                           wall_s=time.perf_counter() - t, epoch_s=secs)
         print(f"{side}: mAP {mAP:.3f} mAP50 {mAP50:.3f}, {rows[side]['train_s_per_epoch']:.1f} s/epoch training (median)"
               + (f", validation {rows[side]['valid_s_per_epoch']:.1f} s/epoch" if valid else ''), flush=True)
-    print(f"\n{Path(a.data).name}, {a.model}, {a.size} px, bs {a.bs}, {a.epochs} epochs, seed {a.seed}, fine_tune {a.fine_tune}, aug {a.aug}, clip {a.clip}, ema {a.ema}")
+    print(f"\n{Path(a.data).name}, {a.model}, {a.size} px, bs {a.bs}, {a.epochs} epochs, seed {a.seed}, fine_tune {a.fine_tune}, aug {a.aug}, clip {a.clip}, ema {a.ema}, opt {a.opt}, frozen bn stats {a.frozen_bn_stats}")
     print(f"{'recipe':<28} {'mAP':>6} {'mAP50':>6} {'train s/epoch':>14} {'valid s/epoch':>14}")
     for k, r in rows.items():
         print(f"{k:<28} {r['mAP']:6.3f} {r['mAP50']:6.3f} {r['train_s_per_epoch']:14.1f} {r['valid_s_per_epoch'] or 0:14.1f}")
