@@ -364,7 +364,7 @@ def _coco_instance(p:Path, a:dict, where:str, cats:dict, masks:bool) -> Instance
     if crowd not in (0, 1) or isinstance(crowd, float): raise _bad(p, f"{where}['iscrowd']", crowd, "0 or 1")
     area = a.get('area')
     if area is not None:
-        if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+        if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not 0 <= area < 1e300:
             raise _bad(p, f"{where}['area']", area, "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
         area = float(area)
     seg = a.get('segmentation')

@@ -1091,3 +1091,15 @@ def test_csv_class_name(tmp_path, make_image):
     p = _csv(make_image, 'filename,class,xmin,ymin,xmax,ymax\na.png,cat,1,2,10,12\na.png,dog,1,2,10,12\n', class_name='animal')
     (r,) = parse_clean(p)
     assert p.class_map.classes == ['animal'] and len(r) == 2
+
+
+def test_coco_area_too_large_for_a_float_is_a_parse_error(tmp_path):
+    "An 'area' integer beyond float range (found by the fuzz test) is refused with a ParseError, not an OverflowError."
+    import json
+    from icefast.parsers import COCOParser, ParseError
+    (tmp_path/'images').mkdir()
+    f = tmp_path/'a.json'
+    f.write_text(json.dumps({'images': [{'id': 1, 'file_name': 'a.png', 'width': 32, 'height': 24}],
+                             'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [1, 1, 5, 5], 'area': 10**400, 'iscrowd': 0}],
+                             'categories': [{'id': 1, 'name': 'x'}]}))
+    with pytest.raises(ParseError, match="area"): COCOParser(f, tmp_path/'images', verify_images=False).parse()
