@@ -364,9 +364,9 @@ def _coco_instance(p:Path, a:dict, where:str, cats:dict, masks:bool) -> Instance
     if crowd not in (0, 1) or isinstance(crowd, float): raise _bad(p, f"{where}['iscrowd']", crowd, "0 or 1")
     area = a.get('area')
     if area is not None:
-        if isinstance(area, (bool, str)) or not isinstance(area, (int, float)) or not 0 <= area < 1e300:
-            raise _bad(p, f"{where}['area']", area, "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
-        area = float(area)
+        try: ok = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area := float(area)) and area >= 0
+        except OverflowError: ok = False  # an integer beyond float range, as `_numbers` and `_coco_size` treat it
+        if not ok: raise _bad(p, f"{where}['area']", a['area'], "the segment's area in pixels, a number >= 0 (or leave it out: the box's area is used)")
     seg = a.get('segmentation')
     mask = _coco_mask(p, seg, where) if (masks and seg) else None
     box = None
