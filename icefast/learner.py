@@ -45,6 +45,9 @@ class DetectionLoss:
     def __call__(self, pred, *yb):
         losses = pred[0] if isinstance(pred, tuple) else pred
         if not isinstance(losses, dict): raise TypeError(f"expected the model's dict of losses, got {type(losses).__name__}")
+        plain = [k for k, v in losses.items() if not isinstance(v, torch.Tensor)]
+        if plain: raise TypeError(f"the model's losses {plain} are {type(losses[plain[0]]).__name__}s, not tensors: return a tensor "
+                                  "for every component, also for a batch without boxes (e.g. `images.new_zeros(())`)")
         self.parts = {k: v.detach() for k, v in losses.items()}
         return sum(losses.values())
 

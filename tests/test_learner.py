@@ -239,6 +239,11 @@ def test_detections_back_to_original_pixels(tmp_path):
     ys, xs = torch.nonzero(out['masks'][0], as_tuple=True)
     assert abs(xs.min().item() - 20) <= 2 and abs(ys.max().item() - 49) <= 2
 
+def test_a_loss_component_that_is_not_a_tensor_is_named():
+    "A user's detector returning a plain number for a component (a batch without boxes) gets a TypeError naming it."
+    from icefast.learner import DetectionLoss
+    with pytest.raises(TypeError, match=r"\['loss_l1'\] are floats, not tensors"): DetectionLoss()({'loss_l1': 0.0, 'b': torch.tensor(1.)})
+
 def test_loss_is_the_models_own_sum():
     lf = DetectionLoss()
     losses = {'a': torch.tensor(1.5), 'b': torch.tensor(0.25)}
@@ -475,7 +480,7 @@ class BoxRegressor(torch.nn.Module):
         box = self.box + 0 * self.stem(x).mean()
         dets = [{'boxes': box[None], 'scores': torch.ones(1), 'labels': torch.ones(1, dtype=torch.long)} for _ in x]
         if targets is None: return dets
-        loss = {'loss_l1': sum((box - t['boxes'][0]).abs().mean() for t in targets if len(t['boxes'])) / len(targets)}
+        loss = {'loss_l1': sum((box - t['boxes'][0]).abs().mean() for t in targets if len(t['boxes'])) / len(targets) + 0 * box.sum()}  # a tensor, also for a batch without boxes
         return loss if self.training else (loss, dets)
 
 def test_a_users_own_detector_trains_validates_and_predicts_through_the_protocol(shapes, tmp_path):
