@@ -21,7 +21,7 @@ from .runtime import EXPORT_FORMATS, METADATA_KEY, FORMAT_VERSION, ExportedDetec
 
 # %% auto #0
 __all__ = ['TOLERANCES', 'ExportGraph', 'export_header', 'write_onnx', 'write_torchscript', 'set_header', 'ExportMismatch',
-           'compare_detections', 'verify_export', 'export_problems', 'verification_summary', 'export_model']
+           'compare_detections', 'export_problems', 'verification_summary', 'verify_export', 'export_model']
 
 # %% ../nbs/09b_export.ipynb #423e3cc7
 class ExportGraph(nn.Module):
@@ -169,6 +169,29 @@ def compare_detections(
             box_diff, score_diff = max(box_diff, float(np.abs(rb[i] - eb[j]).max())), max(score_diff, float(abs(rs[i] - es[j])))
     return dict(detections=n, matched=matched, max_box_diff_px=box_diff, max_score_diff=score_diff)
 
+# %% ../nbs/09b_export.ipynb #688906d7
+def export_problems(rep:dict, tol:dict=None) -> list:
+    "What in a verification report goes beyond `TOLERANCES`."
+    tol, out = {**TOLERANCES, **(tol or {})}, []
+    if rep['max_box_diff_px'] > tol['box_px']: out.append(f"boxes differ by up to {rep['max_box_diff_px']:.3g} px (tolerance {tol['box_px']})")
+    if rep['max_score_diff'] > tol['score']: out.append(f"scores differ by up to {rep['max_score_diff']:.3g} (tolerance {tol['score']})")
+    if rep['detections'] and 1 - rep['matched']/rep['detections'] > tol['unmatched']:
+        out.append(f"{rep['detections'] - rep['matched']} of {rep['detections']} detections have no counterpart")
+    for k in [k[:-8] for k in rep if k.endswith('_pytorch')]:
+        a, b = rep[k + '_pytorch'], rep[k + '_exported']
+        if not (math.isnan(a) and math.isnan(b)) and not abs(a - b) <= tol['mAP']: out.append(f"{k} {b:.4f} exported, {a:.4f} in PyTorch")
+    return out
+
+# %% ../nbs/09b_export.ipynb #8fd3e86d
+def verification_summary(rep:dict, name:str='the export') -> str:
+    "One paragraph of a verification report."
+    s = (f"{name} verified on {rep['n_images']} images: {rep['matched']} of {rep['detections']} detections "
+         f"({'above the per-class thresholds' if isinstance(rep['threshold'], dict) else 'score >= ' + str(rep['threshold'])}) "
+         f"matched, boxes within {rep['max_box_diff_px']:.2g} px, scores within {rep['max_score_diff']:.2g}")
+    maps = [k[:-8] for k in rep if k.endswith('_pytorch')]
+    if maps: s += '; ' + ', '.join(f"{k} {rep[k + '_exported']:.4f} (PyTorch {rep[k + '_pytorch']:.4f})" for k in maps)
+    return s + ('' if rep['ok'] else ' -- MISMATCH: ' + '; '.join(rep['problems']))
+
 # %% ../nbs/09b_export.ipynb #f07b25d8
 def verify_export(
     learn, # The `DetectionLearner` that was exported
@@ -200,29 +223,6 @@ def verify_export(
     if not rep['ok']:
         warnings.warn(f"{Path(path).name} does not predict as the PyTorch model does: {'; '.join(rep['problems'])}", ExportMismatch)
     return rep
-
-# %% ../nbs/09b_export.ipynb #688906d7
-def export_problems(rep:dict, tol:dict=None) -> list:
-    "What in a verification report goes beyond `TOLERANCES`."
-    tol, out = {**TOLERANCES, **(tol or {})}, []
-    if rep['max_box_diff_px'] > tol['box_px']: out.append(f"boxes differ by up to {rep['max_box_diff_px']:.3g} px (tolerance {tol['box_px']})")
-    if rep['max_score_diff'] > tol['score']: out.append(f"scores differ by up to {rep['max_score_diff']:.3g} (tolerance {tol['score']})")
-    if rep['detections'] and 1 - rep['matched']/rep['detections'] > tol['unmatched']:
-        out.append(f"{rep['detections'] - rep['matched']} of {rep['detections']} detections have no counterpart")
-    for k in [k[:-8] for k in rep if k.endswith('_pytorch')]:
-        a, b = rep[k + '_pytorch'], rep[k + '_exported']
-        if not (math.isnan(a) and math.isnan(b)) and not abs(a - b) <= tol['mAP']: out.append(f"{k} {b:.4f} exported, {a:.4f} in PyTorch")
-    return out
-
-# %% ../nbs/09b_export.ipynb #8fd3e86d
-def verification_summary(rep:dict, name:str='the export') -> str:
-    "One paragraph of a verification report."
-    s = (f"{name} verified on {rep['n_images']} images: {rep['matched']} of {rep['detections']} detections "
-         f"({'above the per-class thresholds' if isinstance(rep['threshold'], dict) else 'score >= ' + str(rep['threshold'])}) "
-         f"matched, boxes within {rep['max_box_diff_px']:.2g} px, scores within {rep['max_score_diff']:.2g}")
-    maps = [k[:-8] for k in rep if k.endswith('_pytorch')]
-    if maps: s += '; ' + ', '.join(f"{k} {rep[k + '_exported']:.4f} (PyTorch {rep[k + '_pytorch']:.4f})" for k in maps)
-    return s + ('' if rep['ok'] else ' -- MISMATCH: ' + '; '.join(rep['problems']))
 
 # %% ../nbs/09b_export.ipynb #6a5d8cfb
 def _example(model, records:list, size) -> torch.Tensor:

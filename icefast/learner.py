@@ -31,9 +31,9 @@ from .models.core import FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH, fine_tune_recipe, r
 __all__ = ['FINE_TUNE_DEFAULTS', 'CLASS_COLORS', 'NonFiniteLoss', 'DetectionLoss', 'LossPart', 'COCOMetric', 'to_original',
            'BatchTargets', 'DetectionAdapter', 'TorchAdamW', 'predicts_masks', 'detection_metrics', 'loss_parts',
            'param_groups_of', 'is_pretrained', 'fine_tune_defaults', 'DetectionMixedPrecision', 'DetectionLearner',
-           'ValidationResults', 'draw_detections', 'plot_pairs', 'DetectionInterpretation', 'detection_learner',
-           'class_color', 'render_detections', 'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find', 'RunCheckpoint',
-           'read_checkpoint']
+           'ValidationResults', 'detection_learner', 'class_color', 'render_detections', 'draw_detections',
+           'plot_pairs', 'ProgressLines', 'RunLog', 'plot_run', 'plot_lr_find', 'RunCheckpoint', 'read_checkpoint',
+           'DetectionInterpretation']
 
 # %% ../nbs/09_learner.ipynb #e7161096
 class NonFiniteLoss(RuntimeError):
@@ -135,7 +135,6 @@ class DetectionAdapter(Callback):
         self.learn.xb, self.learn.yb = (images, targets), (BatchTargets(targets),)
 
     def before_validate(self): self._results, self._epoch_metrics, self._items, self._open = [], None, self.learn.dl.items, True
-
     def after_validate(self):
         "Gather every process's results (distributed: all take part here), then with COCO metrics evaluate and choose the score thresholds (`tune_thresholds`)."
         if not getattr(self, '_open', False): return  # a callback cancelled the validation before it began
@@ -372,84 +371,12 @@ class ValidationResults(list):
         super().__init__(values)
         self.figures, self.per_class = figures, per_class
 
-# %% ../nbs/09_learner.ipynb #1db489e7
-def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None):
-    "Show `render_detections` of `img` on matplotlib axes `ax`, `title` above the picture (never under a label)."
-    ax.imshow(render_detections(img, boxes, labels, class_map, scores, masks)); ax.axis('off')
-    if title: ax.set_title(title, fontsize=9)
-
-def plot_pairs(records, preds, class_map, threshold=None, titles=None, figsize=None):
-    "One row per record: its ground truth next to its detections (original pixels) scoring at least `threshold` (`keep_above`)."
-    import matplotlib.pyplot as plt
-    from icefast.core import open_image
-    fig, axs = plt.subplots(len(records), 2, figsize=figsize or (10, 4*len(records)), squeeze=False)
-    for i, (r, p, (a, b)) in enumerate(zip(records, preds, axs)):
-        img, p = open_image(r.filepath), {k: v.numpy() for k, v in keep_above(p, threshold, class_map).items()}
-        gt_masks = r.mask_array() if r.masks is not None and 'masks' in p else None
-        draw_detections(a, img, r.boxes, r.labels, class_map, masks=gt_masks, title=f"{r.filepath.name}: ground truth")
-        draw_detections(b, img, p['boxes'], p['labels'], class_map, p['scores'], p.get('masks'), titles[i] if titles else 'predictions')
-    plt.tight_layout()
-    return fig
-
 # %% ../nbs/09_learner.ipynb #7f6dbc71
 def _bar(it, total:int, show:bool=True):
     "`it` with a fastprogress bar (left out with `show=False`)."
     if not show: return it
     from fastprogress.fastprogress import progress_bar
     return progress_bar(it, total=total, leave=False)
-
-def _losses_and_detections(learn, records:list, show:bool=True) -> tuple:
-    "Each record's detections (original pixels) and loss, one image per pass: detectors add up the losses of a batch."
-    dl = learn.dls.test_dl(records, with_labels=True, bs=1, num_workers=0)
-    model, masks, preds, losses = learn.model.eval(), learn.detection.masks, [], []
-    with torch.no_grad():
-        for rec, b in zip(records, _bar(dl, len(records), show)):
-            images, targets = split_batch(b)
-            if not masks:
-                for t in targets: t.pop('masks', None)
-            loss, dets = model(images, targets)  # eval mode with targets: losses and detections from one pass
-            losses.append(float(sum(loss.values())))
-            preds.append(to_original({k: v for k, v in dets[0].items() if k != 'masks' or masks}, rec, tuple(images.shape[-2:])))
-    return preds, torch.tensor(losses)
-
-# %% ../nbs/09_learner.ipynb #d9befb41
-class DetectionInterpretation:
-    "A dataset's detections and their errors (fastai's `Interpretation`, for detectors): losses, per-class figures, confusions, PR curves."
-    def __init__(self, records, preds, class_map, masks:bool=False, losses=None, learn=None, thresholds=None):
-        self.records, self.preds, self.class_map, self.masks, self.learn = records, preds, class_map, masks, learn
-        self._losses, self.thresholds, self._evaluation = losses, thresholds, None
-
-    @classmethod
-    def from_learner(cls,
-        learn, # A `detection_learner`
-        ds_idx:int=1, # The dataset of `learn.dls` (default: validation)
-        dl=None, # Or a DataLoader of records with their ground truth
-        with_losses:bool=False, # Also each image's loss, from one pass per image that gives its detections too
-        show:bool=True, # A progress bar
-    ):
-        "The detections of a dataset, in batches (or, `with_losses`, one image per pass with its loss)."
-        dl = (dl or learn.dls[ds_idx]).new(shuffle=False, drop_last=False)
-        records = list(dl.items)
-        preds, losses = _losses_and_detections(learn, records, show) if with_losses else (learn._detect(dl, records, show=show), None)
-        return cls(records, preds, learn.detection.class_map, learn.detection.masks, losses, learn, learn.score_threshold(None))
-
-    @property
-    def losses(self) -> torch.Tensor:
-        "Each image's detection loss (computed now, one image per pass, if `from_learner` was not asked `with_losses`)."
-        if self._losses is None:
-            if self.learn is None: raise ValueError("no losses: make the interpretation with DetectionInterpretation.from_learner")
-            _, self._losses = _losses_and_detections(self.learn, self.records)
-        return self._losses
-
-    def top_losses(self, k:int=None) -> tuple:
-        "The `k` highest losses and their indices into `records`."
-        return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
-
-    def plot_top_losses(self, k:int=4, threshold=None, figsize=None):
-        "The `k` images with the highest loss: ground truth next to detections above `threshold` (default: the learner's), the loss in the title."
-        losses, idxs = self.top_losses(k)
-        return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map,
-                          self.thresholds if threshold is None else threshold, [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
 
 # %% ../nbs/09_learner.ipynb #45739b37
 _RESIZERS = ('Resize', 'RandomResizedCrop', 'RandomCrop', 'CropPad', 'RatioResize')
@@ -571,6 +498,25 @@ def render_detections(
         draw.rectangle([x, y, x + w, y + h], fill=c)
         draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
     return img
+
+# %% ../nbs/09_learner.ipynb #1db489e7
+def draw_detections(ax, img, boxes, labels, class_map, scores=None, masks=None, title:str=None):
+    "Show `render_detections` of `img` on matplotlib axes `ax`, `title` above the picture (never under a label)."
+    ax.imshow(render_detections(img, boxes, labels, class_map, scores, masks)); ax.axis('off')
+    if title: ax.set_title(title, fontsize=9)
+
+def plot_pairs(records, preds, class_map, threshold=None, titles=None, figsize=None):
+    "One row per record: its ground truth next to its detections (original pixels) scoring at least `threshold` (`keep_above`)."
+    import matplotlib.pyplot as plt
+    from icefast.core import open_image
+    fig, axs = plt.subplots(len(records), 2, figsize=figsize or (10, 4*len(records)), squeeze=False)
+    for i, (r, p, (a, b)) in enumerate(zip(records, preds, axs)):
+        img, p = open_image(r.filepath), {k: v.numpy() for k, v in keep_above(p, threshold, class_map).items()}
+        gt_masks = r.mask_array() if r.masks is not None and 'masks' in p else None
+        draw_detections(a, img, r.boxes, r.labels, class_map, masks=gt_masks, title=f"{r.filepath.name}: ground truth")
+        draw_detections(b, img, p['boxes'], p['labels'], class_map, p['scores'], p.get('masks'), titles[i] if titles else 'predictions')
+    plt.tight_layout()
+    return fig
 
 # %% ../nbs/09_learner.ipynb #f32572d3
 @patch
@@ -845,6 +791,60 @@ def load_best(self:RunCheckpoint, learn=None):
     learn.load(self.dir(learn)/'best', with_opt=False)
     if self.best_thresholds: learn.model.score_thresholds = dict(self.best_thresholds)
     return learn
+
+# %% ../nbs/09_learner.ipynb #6993b7a6
+def _losses_and_detections(learn, records:list, show:bool=True) -> tuple:
+    "Each record's detections (original pixels) and loss, one image per pass: detectors add up the losses of a batch."
+    dl = learn.dls.test_dl(records, with_labels=True, bs=1, num_workers=0)
+    model, masks, preds, losses = learn.model.eval(), learn.detection.masks, [], []
+    with torch.no_grad():
+        for rec, b in zip(records, _bar(dl, len(records), show)):
+            images, targets = split_batch(b)
+            if not masks:
+                for t in targets: t.pop('masks', None)
+            loss, dets = model(images, targets)  # eval mode with targets: losses and detections from one pass
+            losses.append(float(sum(loss.values())))
+            preds.append(to_original({k: v for k, v in dets[0].items() if k != 'masks' or masks}, rec, tuple(images.shape[-2:])))
+    return preds, torch.tensor(losses)
+
+# %% ../nbs/09_learner.ipynb #d9befb41
+class DetectionInterpretation:
+    "A dataset's detections and their errors (fastai's `Interpretation`, for detectors): losses, per-class figures, confusions, PR curves."
+    def __init__(self, records, preds, class_map, masks:bool=False, losses=None, learn=None, thresholds=None):
+        self.records, self.preds, self.class_map, self.masks, self.learn = records, preds, class_map, masks, learn
+        self._losses, self.thresholds, self._evaluation = losses, thresholds, None
+
+    @classmethod
+    def from_learner(cls,
+        learn, # A `detection_learner`
+        ds_idx:int=1, # The dataset of `learn.dls` (default: validation)
+        dl=None, # Or a DataLoader of records with their ground truth
+        with_losses:bool=False, # Also each image's loss, from one pass per image that gives its detections too
+        show:bool=True, # A progress bar
+    ):
+        "The detections of a dataset, in batches (or, `with_losses`, one image per pass with its loss)."
+        dl = (dl or learn.dls[ds_idx]).new(shuffle=False, drop_last=False)
+        records = list(dl.items)
+        preds, losses = _losses_and_detections(learn, records, show) if with_losses else (learn._detect(dl, records, show=show), None)
+        return cls(records, preds, learn.detection.class_map, learn.detection.masks, losses, learn, learn.score_threshold(None))
+
+    @property
+    def losses(self) -> torch.Tensor:
+        "Each image's detection loss (computed now, one image per pass, if `from_learner` was not asked `with_losses`)."
+        if self._losses is None:
+            if self.learn is None: raise ValueError("no losses: make the interpretation with DetectionInterpretation.from_learner")
+            _, self._losses = _losses_and_detections(self.learn, self.records)
+        return self._losses
+
+    def top_losses(self, k:int=None) -> tuple:
+        "The `k` highest losses and their indices into `records`."
+        return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
+
+    def plot_top_losses(self, k:int=4, threshold=None, figsize=None):
+        "The `k` images with the highest loss: ground truth next to detections above `threshold` (default: the learner's), the loss in the title."
+        losses, idxs = self.top_losses(k)
+        return plot_pairs([self.records[i] for i in idxs], [self.preds[i] for i in idxs], self.class_map,
+                          self.thresholds if threshold is None else threshold, [f"loss {l:.3f}: predictions" for l in losses.tolist()], figsize)
 
 # %% ../nbs/09_learner.ipynb #0a6fb5ec
 @patch

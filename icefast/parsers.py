@@ -667,8 +667,7 @@ class VIAParser(Parser):
         **kwargs, # Passed to `Parser`
     ):
         super().__init__(**kwargs)
-        if isinstance(annotations_file, (list, tuple)): annotations_file = [Path(f) for f in annotations_file]
-        else: annotations_file = Path(annotations_file)
+        annotations_file = [Path(f) for f in annotations_file] if isinstance(annotations_file, (list, tuple)) else Path(annotations_file)
         self.annotations_file, self.img_dir, self.label_attr, self.masks = annotations_file, Path(img_dir), label_attr, masks
         if class_name is not None and not (isinstance(class_name, str) and class_name.strip()):
             raise ValueError(f"VIAParser: class_name should be a class name (non-empty text), got {class_name!r}")

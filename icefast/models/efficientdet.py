@@ -104,9 +104,8 @@ class EfficientDetModel(nn.Module):
         from effdet import DetBenchTrain
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.bench = DetBenchTrain(net, create_labeler=True)
-        cfg = net.config
-        self.register_buffer('mean', torch.tensor(cfg.get('mean', IMAGENET_DEFAULT_MEAN)).view(3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(cfg.get('std', IMAGENET_DEFAULT_STD)).view(3, 1, 1), persistent=False)
+        self.register_buffer('mean', torch.tensor(net.config.get('mean', IMAGENET_DEFAULT_MEAN)).view(3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(net.config.get('std', IMAGENET_DEFAULT_STD)).view(3, 1, 1), persistent=False)
 
     @property
     def net(self): return self.bench.model

@@ -102,7 +102,6 @@ class _RCNNMixin:
         self.roi_heads.fg_bg_sampler.batch_size_per_image = rois
         return f"lighter R-CNN sampling ({proposals} proposals, {rois} RoIs per image; torchvision: 2000 and 1000, 512)"
 
-# %% ../../nbs/04_models.rcnn.ipynb #acefea89
 class FasterRCNNModel(_RCNNMixin, tvd.FasterRCNN):
     "torchvision's `FasterRCNN` with one-pass validation (eval mode with targets) and icefast's detector protocol."
 
