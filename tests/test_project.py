@@ -159,3 +159,28 @@ print(json.dumps(dict(version=icefast.__version__, dist_version=importlib.metada
         f = Path(f).resolve()
         assert f.is_relative_to(venv_dir), f'{mod} imported from {f}, not from the fresh venv'
         assert not f.is_relative_to(ROOT), f'{mod} imported from the source tree: {f}'
+
+
+def _defines(src:str) -> bool: return bool(re.search(r'^(?:@patch\s*\n)?(?:def|class)\s+\w+', src, re.M))
+
+def test_library_notebooks_document_every_exported_definition():
+    "#22: each exported definition cell has markdown beside it, an example with stored output before the next one, and at most 60 lines."
+    bad = []
+    for nb in sorted((ROOT/'nbs').glob('[01]*.ipynb')):
+        cells = json.loads(nb.read_text())['cells']
+        src = [''.join(c['source']) for c in cells]
+        export = [c['cell_type'] == 'code' and re.match(r'\s*#\|\s*export', s) is not None for c, s in zip(cells, src)]
+        for i, s in enumerate(src):
+            if not (export[i] and _defines(s)): continue
+            j = i + 1
+            while j < len(cells) and not (export[j] and _defines(src[j])): j += 1
+            after = range(i + 1, j)
+            prose = (i > 0 and cells[i-1]['cell_type'] == 'markdown') or any(cells[k]['cell_type'] == 'markdown' for k in after)
+            example = any(cells[k]['cell_type'] == 'code' and cells[k].get('outputs') and not re.match(r'\s*#\|\s*(export|hide)', src[k])
+                          for k in after)
+            lines = len(s.splitlines())
+            if not (prose and example and lines <= 60):
+                name = re.search(r'^(?:def|class)\s+(\w+)', s, re.M).group(1)
+                bad.append(f"{nb.name} cell {i} ({name}, {lines} lines): " + ', '.join(
+                    w for w, ok in (('no prose', prose), ('no example with output', example), ('over 60 lines', lines <= 60)) if not ok))
+    assert not bad, 'exported definitions without their documentation:\n' + '\n'.join(bad)
