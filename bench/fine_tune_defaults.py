@@ -12,7 +12,7 @@ from fastai.torch_core import set_seed
 
 from icefast.synthetic import make_shapes
 from icefast.parsers import COCOParser
-from icefast.data import dataloaders
+from icefast.data import dataloaders, detection_aug_transforms
 from fastai.optimizer import Adam
 from icefast.learner import detection_learner, TorchAdamW
 from icefast.models import create_model, list_models, model_spec
@@ -25,6 +25,8 @@ CONFIGS = {  # name: fine_tune keyword arguments
 }
 
 OPTS = {'default': {}, 'fastai': dict(opt_func=Adam), 'torch': dict(opt_func=TorchAdamW)}  # detection_learner kwargs
+
+AUGS = {'none': list, 'lighting': lambda: detection_aug_transforms(min_zoom=1, max_zoom=1), 'default': lambda: None}  # batch_tfms
 
 SMALL = {'efficientdet': 'mobilenetv3_large_100'}  # every other architecture: resnet18 FPN
 
@@ -66,6 +68,9 @@ def main():
                     help="the Learner's opt_func for every fine_tune config: detection_learner's default, fastai's Adam, "
                          "or icefast.learner.TorchAdamW (torch.optim.AdamW through OptimWrapper); several: each in turn")
     ap.add_argument('--workers', type=int, default=None, help="DataLoader workers (default: icefast's, 0 on the CPU)")
+    ap.add_argument('--aug', choices=('none', 'lighting', 'default'), default='none',
+                    help="batch transforms: none (as this benchmark always ran), lighting only (icefast's default before "
+                         "2026-12-06), or icefast's default (scale jitter and lighting)")
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: every core; 1 to run seeds side by side)')
     a = ap.parse_args()
     torch.set_num_threads(a.threads or max(1, os.cpu_count()))
@@ -81,7 +86,7 @@ def main():
             for o in (a.opt if c is not None else ['default'])]
     for name, cfg, opt in runs:
         set_seed(a.seed, reproducible=True)
-        dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, batch_tfms=[], **({} if a.workers is None else {'num_workers': a.workers}))
+        dls = dataloaders(records, p.class_map, size=a.size, bs=a.bs, batch_tfms=AUGS[a.aug](), **({} if a.workers is None else {'num_workers': a.workers}))
         set_seed(a.seed, reproducible=True)
         learn = detection_learner(dls, build(a.arch, len(p.class_map), a.size), **OPTS[opt])
         t, c = time.perf_counter(), time.process_time()
@@ -96,7 +101,7 @@ def main():
         rows.append((name if cfg is not None else f"SGD+warmup+cosine lr {a.sgd_lr or 0.02 * a.bs / 16:g}", secs, res['mAP'], res['mAP50']))
         print(f"{rows[-1][0]:<48} {secs:7.1f} s ({cpu:.0f} s CPU)  mAP {res['mAP']:.3f}  mAP50 {res['mAP50']:.3f}", flush=True)
     base = rows[0] if runs[0][0] == 'sgd' else None
-    print(f"\n{a.arch}, {a.n_images} images at {a.size} px, bs {a.bs}, {a.epochs} epochs, {len(dls.train)} steps/epoch, from scratch")
+    print(f"\n{a.arch}, {a.n_images} images at {a.size} px, bs {a.bs}, {a.epochs} epochs, {len(dls.train)} steps/epoch, from scratch, batch transforms: {a.aug}")
     print(f"{'run':<48} {'wall s':>7} {'mAP':>6} {'mAP50':>6}" + ('  mAP50 vs SGD' if base else ''))
     for n, s, m, m50 in rows:
         print(f"{n:<48} {s:7.1f} {m:6.3f} {m50:6.3f}" + (f"  {m50 - base[3]:+.3f}" if base else ''))

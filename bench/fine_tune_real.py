@@ -193,10 +193,14 @@ def icefast_recipe(train, test, classes, weights, a):
     if a.frozen_bn_stats:
         class BackboneBNStats(Callback):
             "Keep the backbone's batch-norm statistics as loaded (eval-mode batch-norm); its scales and shifts still train."
+            def before_fit(self):  # the backbone: the protocol's parameter groups are its two halves, then the neck and the head
+                first = {id(p) for g in self.model.param_groups()[:2] for p in g}
+                self.norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                              and m.weight is not None and id(m.weight) in first]
+                assert self.norms, "no batch-norm layer in the model's backbone groups"
             def before_batch(self):
                 if self.training:
-                    for mod in self.model.bench.model.backbone.modules():
-                        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm): mod.eval()
+                    for mod in self.norms: mod.eval()
         cbs.append(BackboneBNStats())
     opt = {}
     if a.opt == 'fastai':

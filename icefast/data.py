@@ -296,7 +296,8 @@ class DetectionLighting(RandTransform):
 def detection_aug_transforms(
     size=None, # Output size of the batch transforms (None keeps the item size)
     flip:bool=False, # Flip as a batch affine transform (on CPU the item-level `FlipItem` is much cheaper)
-    max_zoom:float=1., # Zoom in up to this much
+    min_zoom:float=1., # Scale jitter: zoom out down to this much (zero padding around the image)
+    max_zoom:float=1., # Zoom in up to this much (a random crop of the letterboxed image)
     max_rotate:float=0., # Degrees; rotating a box makes it looser, so off by default
     max_lighting:float=0.2, # Brightness and contrast
     min_scale:float=1., # Below 1, random crops of at least this fraction of the area
@@ -304,7 +305,7 @@ def detection_aug_transforms(
 ) -> list:
     "fastai's `aug_transforms` with detection defaults: zero padding, no warp, no rotation; by default only lighting, cheap on CPU."
     p_lighting = kwargs.pop('p_lighting', 0.75)
-    tfms = aug_transforms(size=size, do_flip=flip, max_zoom=max_zoom, max_rotate=max_rotate, max_lighting=0.,
+    tfms = aug_transforms(size=size, do_flip=flip, min_zoom=min_zoom, max_zoom=max_zoom, max_rotate=max_rotate, max_lighting=0.,
                           max_warp=kwargs.pop('max_warp', 0.), min_scale=min_scale, pad_mode=kwargs.pop('pad_mode', 'zeros'), **kwargs)
     return tfms + ([DetectionLighting(max_lighting, p_lighting)] if max_lighting else [])
 

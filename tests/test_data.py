@@ -131,8 +131,9 @@ def test_item_flip_moves_boxes_and_masks(shapes):
     [Rotate(max_deg=20, p=1., pad_mode='zeros')],
     [Warp(magnitude=0.3, p=1., pad_mode='zeros')],
     detection_aug_transforms(max_lighting=0),
+    detection_aug_transforms(min_zoom=0.7, max_zoom=1.3, max_lighting=0),
     aug_transforms(min_scale=0.6, max_lighting=0, max_warp=0, max_rotate=0, size=96),
-], ids=['flip', 'zoom', 'rotate', 'warp', 'detection_aug', 'random_resized_crop'])
+], ids=['flip', 'zoom', 'rotate', 'warp', 'detection_aug', 'scale_jitter', 'random_resized_crop'])
 def test_batch_transforms_move_boxes_and_masks_with_pixels(shapes, tfms):
     records, cm = shapes
     from fastai.torch_core import set_seed
@@ -367,3 +368,19 @@ def test_cpu_dataloaders_load_in_the_training_process(shapes):
     assert [dl.fake_l.num_workers for dl in dls.loaders] == [0, 0]
     dls = dataloaders(records, cm, size=64, bs=2, device='cpu', num_workers=1)
     assert [dl.fake_l.num_workers for dl in dls.loaders] == [1, 1]
+
+def test_scale_jitter_zooms_training_images_inside_the_letterbox(shapes):
+    "`detection_aug_transforms(min_zoom=0.7, max_zoom=1.3)` zooms training images by 0.7-1.3 (zeros around when zoomed out); not a default."
+    from fastai.torch_core import TensorImage, set_seed
+    set_seed(0)
+    zoom, = detection_aug_transforms(min_zoom=0.7, max_zoom=1.3, max_lighting=0)
+    assert isinstance(zoom, Zoom) and zoom.pad_mode == 'zeros'
+    x = TensorImage(torch.ones(64, 3, 48, 48))
+    kept = zoom(x, split_idx=0).as_subclass(torch.Tensor).mean((1, 2, 3))  # the fraction of the image left after zooming out
+    assert 0.2 < (kept < 0.99).float().mean() < 0.6, kept  # about 0.75 (probability) x 1/2 (zoom below 1)
+    assert kept.min() > 0.7**2 - 0.02 and (kept > 0.999).float().mean() > 0.3, kept  # never below 0.7; zoomed in or untouched: full
+    assert (zoom(x, split_idx=1) - x).abs().max() < 1e-4  # validation: fastai resamples with the identity
+    records, cm = shapes
+    names = lambda dls: [type(t).__name__ for t in dls.train.after_batch.fs if type(t).__name__ in ('Zoom', 'DetectionLighting')]
+    assert names(dataloaders(records, cm, size=64, bs=4)) == ['DetectionLighting']  # measured: not a default (09_learner)
+    assert names(dataloaders(records, cm, size=64, bs=4, batch_tfms=detection_aug_transforms(min_zoom=0.7, max_zoom=1.3))) == ['Zoom', 'DetectionLighting']
