@@ -237,7 +237,8 @@ def main():
     ap.add_argument('--workers', type=int, default=2, help="the plain loop's DataLoader workers")
     ap.add_argument('--ice-workers', type=int, default=None, help="icefast's DataLoader workers (default: icefast's default)")
     ap.add_argument('--only', choices=['plain', 'icefast'], default=None)
-    ap.add_argument('--clip', type=float, default=None, help="icefast: clip the gradients' norm at this (fastai GradientClip)")
+    ap.add_argument('--clip', type=float, default=None, help="icefast: a GradientClip of this norm of one's own (EfficientDet's defaults clip at 10; "
+                    "--fine-tune '{\"max_norm\": 0}' turns clipping off)")
     ap.add_argument('--aug', default='{}', help="icefast: JSON keyword arguments for `detection_aug_transforms` (default: icefast's batch_tfms)")
     ap.add_argument('--ema', type=float, default=None, help="icefast: validate and keep an exponential moving average of the weights at this decay")
     ap.add_argument('--opt', choices=['default', 'fastai'], default='default', help="icefast's optimizer: its default, or fastai's Adam")

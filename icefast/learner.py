@@ -19,6 +19,7 @@ from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import get_random_states, set_random_states
 from fastai.learner import Recorder
 from fastai.callback.fp16 import MixedPrecision, AMPMode
+from fastai.callback.training import GradientClip
 
 from .core import letterbox_scale
 from .data import split_batch, Letterbox
@@ -328,10 +329,14 @@ class DetectionLearner(Learner):
         pct_start:float=None, # Warm-up fraction of the unfrozen one-cycle; default: the model's (0.3)
         div:float=None, # The unfrozen one-cycle starts at lr/div; default: the model's (5)
         start_epoch:int=0, # Epochs already done (frozen ones count): resume with the same schedule (`RunCheckpoint.restore`)
+        max_norm:float=None, # Clip the gradients' norm at this (fastai's `GradientClip`; 0: don't); default: the model's (pretrained EfficientDet: 10)
         **kwargs):
         "fastai's `fine_tune`, with the defaults the model declares for its weights (`fine_tune_defaults`)."
         pretrained = is_pretrained(self.model)
         d = fine_tune_defaults(self.model, pretrained)
+        norm = d.get('max_norm') if max_norm is None else max_norm
+        if norm and not any(isinstance(cb, GradientClip) for cb in L(self.cbs) + L(kwargs.get('cbs'))):  # a GradientClip of one's own wins
+            kwargs['cbs'] = L(kwargs.get('cbs')) + [GradientClip(norm)]
         given = dict(base_lr=base_lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, pct_start=pct_start, div=div)
         a = {k: d[k] if v is None else v for k, v in given.items()}
         base_lr, fz = a['base_lr'], a['freeze_epochs'] or 0

@@ -334,6 +334,37 @@ def test_fine_tune_defaults_come_from_the_model(shapes):
     eff = efficientdet.model(model_name='tf_efficientdet_lite0', num_classes=3, img_size=128)
     assert fine_tune_defaults(eff) == {**FINE_TUNE_DEFAULTS[False], **eff.fine_tune_defaults(False)}
 
+def test_fine_tune_clips_gradients_as_the_model_declares():
+    "`max_norm` from the model's defaults (EfficientDet with pretrained weights: 10, effdet's own; otherwise none) clips every step."
+    from fastai.data.core import DataLoaders
+    from fastai.callback.core import Callback
+    from fastai.callback.training import GradientClip
+    from icefast.learner import DetectionLearner, fine_tune_defaults
+    class Declares(torch.nn.Linear):
+        def fine_tune_defaults(self, pretrained): return dict(max_norm=0.5)
+    class Norms(Callback):
+        order = GradientClip.order + 1  # after any clipping, before the step
+        def before_fit(self): self.norms, self.clips = [], [type(c) for c in self.learn.cbs].count(GradientClip)
+        def before_step(self):
+            self.norms.append(float(torch.cat([p.grad.flatten() for p in self.learn.model.parameters()]).norm()))
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3), 1000 * torch.randn(8, 2))] * 4  # large targets: gradient norms in the hundreds
+    def run(model, cbs=(), **kw):
+        spy = Norms()
+        learn = DetectionLearner(DataLoaders(batches, batches[:1]), model, loss_func=torch.nn.functional.mse_loss, cbs=[spy, *cbs])
+        with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, **kw)
+        return spy
+    declared = run(Declares(3, 2))
+    assert declared.clips == 1 and max(declared.norms) <= 0.5 + 1e-4, declared.norms
+    assert min(run(Declares(3, 2), max_norm=0).norms) > 10  # 0 turns clipping off
+    assert max(run(Declares(3, 2), max_norm=2.).norms) <= 2. + 1e-4
+    own = run(Declares(3, 2), cbs=[GradientClip(0.1)])  # a GradientClip of one's own wins: one clip, at its norm
+    assert own.clips == 1 and max(own.norms) <= 0.1 + 1e-5
+    assert min(run(torch.nn.Linear(3, 2)).norms) > 10  # a module that declares nothing is not clipped
+    eff = efficientdet.model(model_name='tf_efficientdet_lite0', num_classes=3, img_size=128)
+    rcnn = faster_rcnn.model(backbone='resnet.resnet18', num_classes=3)
+    assert [fine_tune_defaults(m, pre)['max_norm'] for m in (eff, rcnn) for pre in (True, False)] == [10., None, None, None]
+
 def test_stages_the_builder_froze_stay_frozen(shapes):
     model = faster_rcnn.model(backbone='resnet_fpn.resnet18', num_classes=len(shapes[1]), trainable_layers=2)
     frozen = [p for p in model.backbone.body.parameters() if not p.requires_grad]

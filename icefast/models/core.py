@@ -30,8 +30,9 @@ class Detector(Protocol):
 FINE_TUNE_LR, FINE_TUNE_LR_SCRATCH = 2e-3, 1e-3 # measured peak rates: with pretrained weights, and from scratch
 
 def fine_tune_recipe(pretrained:bool) -> dict:
-    "The measured `fine_tune` defaults: no frozen epoch, one rate for every layer, one-cycle warm-up 30% from lr/5."
-    return dict(base_lr=FINE_TUNE_LR if pretrained else FINE_TUNE_LR_SCRATCH, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0)
+    "The measured `fine_tune` defaults: no frozen epoch, one rate for every layer, one-cycle warm-up 30% from lr/5, no clipping."
+    return dict(base_lr=FINE_TUNE_LR if pretrained else FINE_TUNE_LR_SCRATCH, freeze_epochs=0, lr_mult=1, pct_start=0.3, div=5.0,
+                max_norm=None)
 
 # %% ../../nbs/03a_models.core.ipynb #d0795731
 def split_params(params:list, n:int=2) -> list:

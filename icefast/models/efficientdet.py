@@ -153,8 +153,8 @@ class EfficientDetModel(nn.Module):
 
     def param_groups(self) -> list: return param_groups(self)
     def fine_tune_defaults(self, pretrained:bool) -> dict:
-        "`learn.fine_tune`'s defaults for this detector, measured with ImageNet backbones (`bench/fine_tune_real.py`)."
-        return fine_tune_recipe(pretrained)
+        "`learn.fine_tune`'s defaults, measured (`bench/fine_tune_real.py`): the recipe; with ImageNet weights, gradients clipped at 10 as effdet's training does."
+        return {**fine_tune_recipe(pretrained), **({'max_norm': 10.} if pretrained else {})}
 
 # %% ../../nbs/07_models.efficientdet.ipynb #74de708e
 def _timm_backbone_state(backbone:str, timeout:float=20.):
