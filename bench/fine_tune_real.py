@@ -62,6 +62,8 @@ def listed_split(items, path):
     names = {Path(l.split(',')[0].strip()).name for l in Path(path).read_text().splitlines() if l.strip()}
     test = [r for r in items if r['file'].name in names]
     if not test: sys.exit(f"{path}: none of the names it lists is an image of the data set (expected file names such as {items[0]['file'].name})")
+    missing = sorted(n for n in names - {r['file'].name for r in test} if Path(n).suffix.lower() in ('.jpg', '.jpeg', '.png', '.bmp'))
+    if missing: print(f"  {path}: {len(missing)} listed image(s) not in the data set (or skipped), so not held out: {', '.join(missing[:5])}")
     return [r for r in items if r['file'].name not in names], test
 
 def coco_score(test, dets, classes):
@@ -176,9 +178,6 @@ def icefast_recipe(train, test, classes, weights, a):
     model = efficientdet.model(model_name=a.model, num_classes=len(p.class_map), img_size=a.size, pretrained_backbone=weights)
     timer = EpochTimer()
     cbs = [timer]
-    if a.clip:
-        from fastai.callback.training import GradientClip
-        cbs.append(GradientClip(a.clip))
     if a.ema:
         class ModelEMA(Callback):
             "Validate with, and end on, a moving average of the weights (decay warmed up as (1+n)/(10+n))."
@@ -216,6 +215,7 @@ def icefast_recipe(train, test, classes, weights, a):
         opt['opt_func'] = Adam
     learn = efficientdet.fastai.learner(dls, model, cbs=cbs, **opt)
     kw = json.loads(a.fine_tune)
+    if a.clip is not None: kw['max_norm'] = a.clip  # fine_tune's own clipping, as a user gets it
     if a.lr_find:
         from fastai.callback.schedule import valley, slide, minimum, steep
         with learn.no_bar(), learn.no_logging(): sug = learn.lr_find(suggest_funcs=(valley, slide, minimum, steep), show_plot=False)
@@ -247,8 +247,8 @@ def main():
     ap.add_argument('--workers', type=int, default=2, help="the plain loop's DataLoader workers")
     ap.add_argument('--ice-workers', type=int, default=None, help="icefast's DataLoader workers (default: icefast's default)")
     ap.add_argument('--only', choices=['plain', 'icefast'], default=None)
-    ap.add_argument('--clip', type=float, default=None, help="icefast: a GradientClip of this norm of one's own (EfficientDet's defaults clip at 10; "
-                    "--fine-tune '{\"max_norm\": 0}' turns clipping off)")
+    ap.add_argument('--clip', type=float, default=None, help="icefast: fine_tune's max_norm, the gradients' clipping norm "
+                    "(default: the model's, 10 for a pretrained EfficientDet; 0 turns clipping off)")
     ap.add_argument('--aug', default='{}', help="icefast: JSON keyword arguments for `detection_aug_transforms` (default: icefast's batch_tfms)")
     ap.add_argument('--ema', type=float, default=None, help="icefast: validate and keep an exponential moving average of the weights at this decay")
     ap.add_argument('--opt', choices=['default', 'fastai'], default='default', help="icefast's optimizer: its default, or fastai's Adam")
